@@ -1,0 +1,85 @@
+"""Ed25519 key files: the image pipeline's signing key and the per-host reporting key.
+
+A private key is PKCS#8 PEM, written with mode 0600 and never logged; its public half sits
+beside it as ``NAME.pub`` (SubjectPublicKeyInfo PEM), which is what ``--pubkey`` reads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agent.errors import KeyFileError, advice
+
+
+def public_path(private: Path) -> Path:
+    return private.with_name(private.name + ".pub")
+
+
+def generate(out: Path, *, overwrite: bool = False) -> Ed25519PrivateKey:
+    """Write a new key pair to ``out`` (0600) and ``out.pub``; refuse to clobber a key."""
+    if out.exists() and not overwrite:
+        raise KeyFileError("refusing to overwrite an existing key", path=out)
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        public_path(out).write_bytes(public_pem(key.public_key()))
+    except OSError as exc:
+        raise KeyFileError(f"cannot write key: {advice(exc)}", path=out) from exc
+    return key
+
+
+def public_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def public_raw(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def public_from_raw(raw: bytes) -> Ed25519PublicKey:
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def load_private(path: Path) -> Ed25519PrivateKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read private key: {advice(exc)}", path=path) from exc
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise KeyFileError("not an unencrypted PEM private key", path=path) from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError("not an Ed25519 private key", path=path)
+    return key
+
+
+def load_public(path: Path) -> Ed25519PublicKey:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read public key: {advice(exc)}", path=path) from exc
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise KeyFileError("not a PEM public key", path=path) from exc
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError("not an Ed25519 public key", path=path)
+    return key

@@ -1,0 +1,122 @@
+"""Every shipped policy loads, has sample cases, and decides each sample as it says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.errors import PolicyError
+from agent.policy import check_samples, load_policy, parse_policy
+
+POLICIES = sorted((Path(__file__).resolve().parents[2] / "policies").glob("*.toml"))
+
+
+def test_policies_are_shipped() -> None:
+    assert {p.name for p in POLICIES} >= {"minimal.toml"}
+
+
+@pytest.mark.parametrize("path", POLICIES, ids=lambda p: p.name)
+def test_policy_samples(path: Path) -> None:
+    policy = load_policy(path)
+    assert policy.samples, f"{path.name} has no [[sample]] cases"
+    assert check_samples(policy) == []
+
+
+def test_first_matching_rule_decides() -> None:
+    policy = parse_policy(
+        {
+            "policy": {"name": "t"},
+            "rule": [
+                {"name": "keys", "kind": "critical", "paths": ["/var/lib/app/keys/**"]},
+                {"name": "app", "kind": "mutable", "paths": ["/var/lib/app/**"]},
+            ],
+        },
+        source="t.toml",
+    )
+    assert policy.decide("/var/lib/app/keys/k1").rule == "keys"
+    assert policy.decide("/var/lib/app/data").rule == "app"
+    assert policy.decide("/var/lib/app").kind == "immutable"
+    assert "also matches, but comes later: 'app'" in policy.explain("/var/lib/app/keys/k1")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        ("/etc/*.conf", "/etc/a.conf", True),
+        ("/etc/*.conf", "/etc/sub/a.conf", False),
+        ("/etc/*", "/etc/.hidden", True),
+        ("/home/**/.ssh", "/home/.ssh", True),
+        ("/home/**/.ssh", "/home/a/b/.ssh", True),
+        ("/var/log/**", "/var/log", False),
+        ("/var/log/**", "/var/log/a\nb", True),
+        ("/dev/tty[0-9]", "/dev/tty5", True),
+        ("/dev/tty[!0-9]", "/dev/tty5", False),
+        ("/etc/shado?", "/etc/shadow", True),
+    ],
+)
+def test_glob_semantics(pattern: str, path: str, matches: bool) -> None:
+    policy = parse_policy(
+        {"policy": {"exclude": []}, "rule": [{"name": "r", "kind": "mutable", "paths": [pattern]}]},
+        source="t.toml",
+    )
+    assert (policy.decide(path).rule == "r") is matches
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"policy": {"bogus": 1}}, "t.toml: [policy] unknown key(s) ['bogus']"),
+        ({"policy": {"ssh_login": "ignore"}}, "ssh_login = 'ignore' is not one of"),
+        ({"policy": {"roots": ["etc"]}}, "roots has 'etc': paths must be absolute"),
+        ({"policy": {}, "rule": [{"name": "x", "kind": "bad", "paths": ["/a"]}]}, "kind = 'bad'"),
+        (
+            {"policy": {}, "rule": [{"name": "x", "kind": "mutable", "paths": ["/a**"]}]},
+            "'**' must be a whole path segment",
+        ),
+        (
+            {
+                "policy": {},
+                "rule": [
+                    {"name": "x", "kind": "critical", "paths": ["/a"], "attributes": ["colour"]}
+                ],
+            },
+            "attributes has unknown ['colour']",
+        ),
+        ({"policy": {"max_file_size_bytes": "big"}}, "max_file_size_bytes = 'big'"),
+    ],
+)
+def test_bad_policy_errors_name_key_and_value(data: dict[str, object], message: str) -> None:
+    with pytest.raises(PolicyError, match=None) as info:
+        parse_policy(data, source="/x/t.toml")
+    assert message in str(info.value)
+
+
+def test_policy_file_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.toml"
+    bad.write_text("[policy\n")
+    with pytest.raises(PolicyError, match=r"broken\.toml: not valid TOML"):
+        load_policy(bad)
+
+
+def test_verdicts() -> None:
+    policy = parse_policy(
+        {
+            "policy": {},
+            "rule": [
+                {"name": "id", "kind": "first_boot", "paths": ["/etc/machine-id"]},
+                {"name": "logs", "kind": "growth_only", "paths": ["/var/log/**"]},
+            ],
+        },
+        source="t.toml",
+    )
+    first = policy.decide("/etc/machine-id")
+    assert not policy.verdict(first, "modified", ["content"], first_boot=True).drift
+    assert policy.verdict(first, "modified", ["content"], first_boot=False).drift
+    log = policy.decide("/var/log/syslog")
+    assert not policy.verdict(log, "modified", ["size", "content"], grew_only=True).drift
+    assert policy.verdict(log, "modified", ["size", "content"], grew_only=False).drift
+    assert policy.verdict(log, "modified", ["mode"], grew_only=True).drift
+    plain = policy.decide("/usr/bin/ls")
+    verdict = policy.verdict(plain, "modified", ["content"])
+    assert verdict.drift and verdict.severity == "warning"

@@ -1,0 +1,44 @@
+"""The dependency direction of DESIGN.md: collector imports only agent.wire; agent never
+imports collector; agent.wire uses the standard library only."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_agent_never_imports_collector() -> None:
+    for path in (REPO / "agent").rglob("*.py"):
+        bad = {n for n in _imports(path) if n == "collector" or n.startswith("collector.")}
+        assert not bad, f"{path} imports {bad}"
+
+
+def test_collector_imports_only_wire_from_agent() -> None:
+    for path in (REPO / "collector").rglob("*.py"):
+        used = {n for n in _imports(path) if n == "agent" or n.startswith("agent.")}
+        assert used <= {"agent", "agent.wire"} | {n for n in used if n.startswith("agent.wire.")}, (
+            f"{path} imports {used}"
+        )
+
+
+def test_wire_is_stdlib_only() -> None:
+    roots = {n.split(".")[0] for n in _imports(REPO / "agent" / "wire.py")}
+    assert roots <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+def test_agent_package_init_is_empty() -> None:
+    assert (REPO / "agent" / "__init__.py").read_text().strip() == ""
