@@ -120,3 +120,55 @@ def test_verdicts() -> None:
     plain = policy.decide("/usr/bin/ls")
     verdict = policy.verdict(plain, "modified", ["content"])
     assert verdict.drift and verdict.severity == "warning"
+
+
+def test_every_policy_key_is_documented(repo: Path) -> None:
+    from agent import policy as engine
+
+    doc = (repo / "docs" / "policy.md").read_text()
+    keys = engine._POLICY_KEYS | engine._RULE_KEYS | engine._SAMPLE_KEYS
+    missing = sorted(k for k in keys if f"`{k}`" not in doc)
+    assert not missing, f"docs/policy.md does not document {missing}"
+    assert all(f"`{kind}`" in doc for kind in engine.KINDS)
+    assert all(f"`{attr}`" in doc for attr in engine.ATTRIBUTES)
+
+
+def test_explain_command(agent_cmd: list[str], subprocess_env: dict[str, str], repo: Path) -> None:
+    import subprocess
+
+    proc = subprocess.run(
+        [
+            *agent_cmd,
+            "explain",
+            "--policy",
+            str(repo / "policies" / "debian-server.toml"),
+            "/etc/sudoers.d/x",
+            "/var/log/syslog",
+        ],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "/etc/sudoers.d/x: critical (critical)" in proc.stdout
+    assert "rule 'credentials and access' (critical) matches '/etc/sudoers.d/**'" in proc.stdout
+    assert "/var/log/syslog: mutable (info)" in proc.stdout
+
+
+def test_bad_policy_exits_78(
+    agent_cmd: list[str], subprocess_env: dict[str, str], tmp_path: Path
+) -> None:
+    import subprocess
+
+    bad = tmp_path / "p.toml"
+    bad.write_text('[policy]\nssh_login = "maybe"\n')
+    proc = subprocess.run(
+        [*agent_cmd, "explain", "--policy", str(bad), "/x"],
+        env=subprocess_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 78
+    assert "error: p.toml: [policy] ssh_login = 'maybe' is not one of" in proc.stderr
