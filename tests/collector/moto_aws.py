@@ -17,6 +17,7 @@ class MotoServer:
     def __init__(self) -> None:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.endpoint_url = ""
+        self._image_id = ""
 
     def __enter__(self) -> MotoServer:
         self._server.start()
@@ -29,6 +30,17 @@ class MotoServer:
         inner = self._server._server
         if inner is not None:
             inner.server_close()
+
+    def image_id(self) -> str:
+        """An image moto knows (looked up once: the listing is large)."""
+        if not self._image_id:
+            ec2 = self.client("ec2")
+            try:
+                images = ec2.describe_images(Owners=["amazon"], MaxResults=5)["Images"]
+            finally:
+                ec2.close()
+            self._image_id = images[0]["ImageId"]
+        return self._image_id
 
     def client(self, service: str) -> Any:
         session: Any = boto3.session.Session(region_name=REGION)
@@ -46,7 +58,7 @@ def make_group(aws: MotoServer, *, size: int = 2) -> Group:
     ec2 = aws.client("ec2")
     autoscaling = aws.client("autoscaling")
     try:
-        image_id = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        image_id = aws.image_id()
         name = "web-" + uuid.uuid4().hex[:8]
         ec2.create_launch_template(
             LaunchTemplateName=name,
