@@ -194,6 +194,11 @@ class ConfigTable:
             raise self.fail(f"{key} = {raw!r}: the environment variable is unset or empty")
         return value
 
+    @property
+    def keys_read(self) -> frozenset[str]:
+        """Every key some reader asked for (documentation tests list them)."""
+        return frozenset(self._used)
+
     def finish(self) -> None:
         """Refuse any key that no reader asked for."""
         unknown = set(self._table) - self._used

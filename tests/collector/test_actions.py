@@ -483,6 +483,28 @@ def test_an_unknown_action_type_lists_the_known_ones() -> None:
         build_actions([{"type": "ansible", "name": "x"}], source="collector.toml")
 
 
+@pytest.mark.parametrize(
+    ("type_name", "minimal"),
+    [
+        ("aws-autoscaling", {"region": REGION}),
+        ("webhook", {"url": "https://ci.example/hook", "secret": "k"}),
+        ("command", {"argv": ["true"]}),
+    ],
+)
+def test_every_action_key_is_documented(
+    repo: Path, type_name: str, minimal: dict[str, Any]
+) -> None:
+    assert type_name in ACTIONS.known()
+    table = ACTIONS.table({"type": type_name, "name": "x", **minimal})
+    _, action = ACTIONS.build(table)
+    action.close()
+    documented = set(re.findall(r"`([a-z_]+)`", (repo / "docs" / "operations.md").read_text()))
+    read = {k for k in table.keys_read if not k.endswith(("_file", "_env"))}
+    assert not read - documented, (
+        f"docs/operations.md does not document {sorted(read - documented)}"
+    )
+
+
 def test_actions_by_name_and_duplicates_refused() -> None:
     hook = {"type": "webhook", "name": "deploy", "url": "https://ci.example/hook", "secret": "k"}
     drain = {"type": "command", "name": "drain", "argv": ["kubectl", "drain", "{host_id}"]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -32,7 +33,7 @@ from collector.sinks import (
     signing,
 )
 from collector.sinks.alertmanager import AlertmanagerSink
-from collector.sinks.config import Secret
+from collector.sinks.config import ConfigTable, Secret
 from collector.sinks.http import retry_after_s
 from collector.sinks.pagerduty import PagerDutySink
 from collector.sinks.slack import SlackSink
@@ -582,6 +583,32 @@ def test_two_sinks_with_one_name_are_refused() -> None:
     table = {"type": "webhook", "name": "w", "url": "http://x", "secret": "k"}
     with pytest.raises(SinkConfigError, match="two \\[\\[sink\\]\\] tables are named 'w'"):
         build_sinks([table, table])
+
+
+MINIMAL_SINKS = {
+    "alertmanager": {"url": "http://127.0.0.1:9093"},
+    "pagerduty": {"routing_key": "k"},
+    "slack": {"url": "http://127.0.0.1/hook"},
+    "webhook": {"url": "http://127.0.0.1/hook", "secret": "k"},
+}
+
+
+def documented_keys(repo: Path) -> set[str]:
+    return set(re.findall(r"`([a-z_]+)`", (repo / "docs" / "operations.md").read_text()))
+
+
+def keys_read(table: ConfigTable) -> set[str]:
+    return {k for k in table.keys_read if not k.endswith(("_file", "_env"))}
+
+
+@pytest.mark.parametrize("type_name", SINKS.known())
+def test_every_sink_key_is_documented(repo: Path, type_name: str) -> None:
+    table = SINKS.table({"type": type_name, "name": "x", **MINIMAL_SINKS[type_name]})
+    build_sink({"type": type_name, "name": "x", **MINIMAL_SINKS[type_name]})  # the common keys
+    SINKS.build(table)
+    common = {"min_severity", "rate_limit_per_minute", "rate_limit_burst"}
+    missing = (keys_read(table) | common) - documented_keys(repo)
+    assert not missing, f"docs/operations.md does not document {sorted(missing)}"
 
 
 def test_a_sink_type_registers_through_the_same_registry() -> None:
