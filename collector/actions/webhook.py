@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from typing import Final
+from urllib.parse import urlsplit
 
 from collector.actions.request import ActionOutcome, ReplacementRequest, failed, logged
 from collector.sinks import http, signing
@@ -33,7 +34,7 @@ class WebhookAction:
         self._secret = secret
 
     def __repr__(self) -> str:
-        return f"WebhookAction(name={self.name!r}, url={self.url!r})"
+        return f"WebhookAction(name={self.name!r}, host={urlsplit(self.url).hostname!r})"
 
     def close(self) -> None:
         pass

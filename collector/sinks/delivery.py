@@ -90,12 +90,15 @@ def deliver_with_retries(
     stop: threading.Event | None = None,
     limiter: RateLimiter | None = None,
     rng: random.Random | None = None,
+    max_delay_s: float | None = None,
 ) -> int:
     """Send ``alert`` through ``sink`` in up to ``attempts`` tries; return the tries used.
 
     Raises the last ``DeliveryError`` when it is final or the tries are used up, and
     ``DeliveryInterrupted`` when ``stop`` is set while waiting. A receiver's Retry-After is
-    honoured: the wait is never shorter than it asked.
+    honoured: the wait is never shorter than it asked. A wait longer than ``max_delay_s`` is
+    not waited here: the retryable error is raised at once (its ``retry_after_s`` says when),
+    so the outbox can schedule the next attempt durably instead of holding a worker.
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -118,6 +121,9 @@ def deliver_with_retries(
                 )
                 raise
             delay_s = max(backoff.delay_s(attempt, rng), exc.retry_after_s or 0.0)
+            if max_delay_s is not None and delay_s > max_delay_s:
+                bound.info("alert_delivery_deferred", attempt=attempt, delay_s=round(delay_s, 3))
+                raise
             bound.info(
                 "alert_delivery_retry",
                 attempt=attempt,

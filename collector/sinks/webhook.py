@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from collector.sinks import http, signing
 from collector.sinks.alert import Alert
@@ -30,7 +31,7 @@ class WebhookSink:
         self._secret = secret
 
     def __repr__(self) -> str:
-        return f"WebhookSink(name={self.name!r}, url={self.url!r})"
+        return f"WebhookSink(name={self.name!r}, host={urlsplit(self.url).hostname!r})"
 
     def payload(self, alert: Alert) -> dict[str, Any]:
         return {"version": BODY_VERSION, "event": "alert", "alert": alert.to_json()}

@@ -310,6 +310,16 @@ def test_waiting_between_attempts_is_interrupted_by_stop(receiver: LoopbackRecei
     assert len(receiver.requests) == 1
 
 
+def test_a_long_retry_after_is_handed_back_instead_of_waited(receiver: LoopbackReceiver) -> None:
+    receiver.answer(Answer(429, headers=(("Retry-After", "900"),)))
+    with pytest.raises(DeliveryError) as caught:
+        deliver_with_retries(
+            pagerduty(receiver), host_alert(), attempts=5, backoff=FAST, max_delay_s=60
+        )
+    assert caught.value.retryable and caught.value.retry_after_s == 900.0
+    assert len(receiver.requests) == 1
+
+
 def test_an_unreachable_receiver_is_retryable_and_the_error_names_no_url() -> None:
     sink = SlackSink("chat", url=Secret(f"http://127.0.0.1:{free_port()}/services/{SLACK_TOKEN}"))
     with pytest.raises(DeliveryError) as caught:
