@@ -22,8 +22,15 @@ from typing import Any, cast
 import structlog
 
 from collector.sinks import alertmanager, pagerduty, slack, webhook
-from collector.sinks.alert import SEVERITIES, SEVERITY_RANK, Alert, AlertLink, AlertSink, Severity
-from collector.sinks.alert import dedup_key as dedup_key
+from collector.sinks.alert import (
+    SEVERITIES,
+    SEVERITY_RANK,
+    Alert,
+    AlertLink,
+    AlertSink,
+    Severity,
+    dedup_key,
+)
 from collector.sinks.delivery import Backoff, RateLimiter, deliver_with_retries
 from collector.sinks.errors import (
     DeliveryError,
