@@ -1,0 +1,118 @@
+"""A replacement request, its outcome, and the ``ReplacementAction`` protocol.
+
+``request_id`` is the idempotency key: the same request carried out twice (a worker killed
+after acting, before recording) must not replace twice, so every action checks first and
+answers ``already`` when the host is already on its way out. ``dry_run`` decides nothing:
+the action says what it would do (``would_replace``) and touches nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Final, Literal, Protocol, get_args
+
+import structlog
+
+from collector.actions.errors import MalformedRequestError
+
+log = structlog.get_logger(__name__)
+
+OutcomeStatus = Literal["done", "already", "failed", "would_replace"]
+OUTCOME_STATUSES: Final[tuple[OutcomeStatus, ...]] = get_args(OutcomeStatus)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplacementRequest:
+    request_id: str
+    host_id: str
+    instance_id: str | None
+    pool: str
+    reason: str
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("request_id", "host_id", "pool"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise MalformedRequestError(f"{name} = {value!r} is not a non-empty string")
+        if self.instance_id is not None and (
+            not isinstance(self.instance_id, str) or not self.instance_id
+        ):
+            raise MalformedRequestError(f"instance_id = {self.instance_id!r} is not a string")
+        if not isinstance(self.reason, str) or not isinstance(self.dry_run, bool):
+            raise MalformedRequestError("reason must be a string and dry_run true or false")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "host_id": self.host_id,
+            "instance_id": self.instance_id,
+            "pool": self.pool,
+            "reason": self.reason,
+            "dry_run": self.dry_run,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ReplacementRequest:
+        expected = set(cls.__dataclass_fields__)
+        if not isinstance(obj, dict) or set(obj) != expected:
+            raise MalformedRequestError(f"a replacement request has exactly {sorted(expected)}")
+        return cls(**obj)
+
+
+@dataclass(frozen=True)
+class ActionOutcome:
+    """What an action did. ``facts`` are recorded on the host (exit code, output tail, ids)."""
+
+    status: OutcomeStatus
+    detail: str
+    retryable: bool = False
+    facts: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.status not in OUTCOME_STATUSES:
+            raise ValueError(f"status = {self.status!r} is not one of {list(OUTCOME_STATUSES)}")
+        if self.retryable and self.status != "failed":
+            raise ValueError("only a failed outcome can be retryable")
+        object.__setattr__(self, "facts", MappingProxyType(dict(self.facts)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "detail": self.detail,
+            "retryable": self.retryable,
+            "facts": dict(self.facts),
+        }
+
+
+def failed(detail: str, *, retryable: bool, **facts: Any) -> ActionOutcome:
+    return ActionOutcome("failed", detail, retryable=retryable, facts=facts)
+
+
+def logged(
+    action: str, request: ReplacementRequest, outcome: ActionOutcome, **context: Any
+) -> ActionOutcome:
+    """Log ``replacement_action`` for ``outcome`` and return it."""
+    log.info(
+        "replacement_action",
+        action=action,
+        request_id=request.request_id,
+        host_id=request.host_id,
+        dry_run=request.dry_run,
+        status=outcome.status,
+        detail=outcome.detail,
+        **context,
+    )
+    return outcome
+
+
+class ReplacementAction(Protocol):
+    """Something that replaces a host; ``replace`` never raises for a failed replacement."""
+
+    name: str
+
+    def replace(self, request: ReplacementRequest) -> ActionOutcome: ...
+
+    def close(self) -> None: ...
