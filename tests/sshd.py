@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paramiko
+import psutil
 import pytest
 
 SSHD = Path("/usr/sbin/sshd")
@@ -113,8 +115,20 @@ def make_ssh_user(workdir: Path) -> Iterator[SshUser]:
             authorized_keys_dir=keys_dir,
         )
     finally:
-        subprocess.run(["userdel", name], check=False, capture_output=True)
+        # sshd's session processes for the user may still be exiting.
+        uid = pwd.getpwnam(name).pw_uid
+        wait_until(lambda: not _processes_of(uid), what=f"processes of {name} to end")
+        _run("userdel", name)
         shutil.rmtree(keys_dir, ignore_errors=True)
+
+
+def _processes_of(uid: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["uids"]):
+        uids = process.info["uids"]
+        if uids is not None and uid in (uids.real, uids.effective):
+            found.append(process)
+    return found
 
 
 @dataclass
@@ -213,9 +227,37 @@ AllowUsers {user.name}
 """
 
 
+# Run sshd with a private /dev whose "log" is the given syslog socket, so that its syslog(3)
+# lines (and PAM's) reach that socket; everything else in /dev is the machine's own.
+_PRIVATE_DEV = """
+set -e
+dev="$1"; sock="$2"; shift 2
+mount -t tmpfs -o mode=755 dwdev "$dev"
+for node in null zero full random urandom tty ptmx; do
+  touch "$dev/$node"; mount --bind "/dev/$node" "$dev/$node"
+done
+mkdir "$dev/pts" "$dev/shm"
+mount --bind /dev/pts "$dev/pts"; mount --bind /dev/shm "$dev/shm"
+touch "$dev/log"; mount --bind "$sock" "$dev/log"
+mount --move "$dev" /dev
+exec "$@"
+"""
+
+
+def _accepts(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
 @contextlib.contextmanager
-def start_sshd(workdir: Path, user: SshUser) -> Iterator[Sshd]:
-    """Start ``sshd -D -f CONFIG -E LOG`` on a free loopback port; stop it on exit."""
+def start_sshd(workdir: Path, user: SshUser, *, syslog: Path | None = None) -> Iterator[Sshd]:
+    """Start ``sshd -D -f CONFIG -E LOG`` on a free loopback port; stop it on exit.
+
+    With ``syslog`` (a syslog datagram socket, e.g. a journald namespace's ``dev-log``), sshd
+    runs in a private mount namespace where ``/dev/log`` is that socket, and logs there
+    instead of to ``LOG``.
+    """
     if not SSHD.exists():
         pytest.fail(f"{SSHD} is missing: apt-get install -y openssh-server")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -224,6 +266,17 @@ def start_sshd(workdir: Path, user: SshUser) -> Iterator[Sshd]:
         _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host_key))
     PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
     log_path = workdir / "sshd.log"
+    started: list[Sshd] = []
+    try:
+        yield _start(workdir, user, syslog, log_path, started)
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _start(
+    workdir: Path, user: SshUser, syslog: Path | None, log_path: Path, started: list[Sshd]
+) -> Sshd:
     for _attempt in range(5):
         port = _free_port()
         config = workdir / "sshd_config"
@@ -231,24 +284,64 @@ def start_sshd(workdir: Path, user: SshUser) -> Iterator[Sshd]:
         _run(str(SSHD), "-t", "-f", str(config))
         log_path.touch()
         start = log_path.stat().st_size
-        process = subprocess.Popen([str(SSHD), "-D", "-f", str(config), "-E", str(log_path)])
+        command = [str(SSHD), "-D", "-f", str(config)]
+        if syslog is None:
+            command += ["-E", str(log_path)]
+        else:
+            dev = workdir / "dev"
+            dev.mkdir(exist_ok=True)
+            command = [
+                "unshare", "--mount", "--propagation", "private",
+                "sh", "-c", _PRIVATE_DEV, "sh", str(dev), str(syslog), *command,
+            ]  # fmt: skip
+        process = subprocess.Popen(command)
         server = Sshd("127.0.0.1", port, log_path, config, process, user)
+        started.append(server)
 
         def _ready(server: Sshd = server, start: int = start) -> bool:
-            return (
-                "Server listening" in server.log_text()[start:] or server.process.poll() is not None
-            )
+            if server.process.poll() is not None:
+                return True
+            if syslog is not None:
+                return _accepts(server.host, server.port)
+            return b"Server listening" in server.log_path.read_bytes()[start:]
 
         wait_until(_ready, what="sshd to listen")
         if process.poll() is None:
-            break
-        process.wait()
-    else:
-        pytest.fail(f"sshd did not start: {log_path.read_text()[-2000:]}")
+            return server
+    pytest.fail(f"sshd did not start: {log_path.read_text()[-2000:]}")
+
+
+@contextlib.contextmanager
+def journald_namespace(name: str | None = None) -> Iterator[tuple[str, Path]]:
+    """A real systemd-journald serving journal namespace ``name`` (``journalctl
+    --namespace=NAME``); yields the name and its syslog socket. Its files are removed after."""
+    journald = Path("/lib/systemd/systemd-journald")
+    if not journald.exists():
+        pytest.skip("systemd-journald is not installed")
+    name = name or "dwt" + secrets.token_hex(4)
+    run_dir = Path(f"/run/systemd/journal.{name}")
+    machine_id = Path("/etc/machine-id").read_text().strip()
+    stores = [
+        Path(f"/var/log/journal/{machine_id}.{name}"),
+        Path(f"/run/log/journal/{machine_id}.{name}"),
+    ]
+    process = subprocess.Popen(
+        [str(journald), name], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
-        yield server
+        wait_until(
+            lambda: (run_dir / "dev-log").exists() or process.poll() is not None,
+            what="journald to listen",
+        )
+        if process.poll() is not None:
+            pytest.skip(f"systemd-journald cannot run here: {process.communicate()[1][-500:]!r}")
+        yield name, run_dir / "dev-log"
     finally:
-        server.stop()
+        if process.poll() is None:
+            process.terminate()
+        process.communicate(timeout=10)
+        for path in [run_dir, *stores]:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -253,13 +253,15 @@ class LineParser:
             return None
         return self._complete(login) if login is not None else None
 
-    def _complete(self, login: Login) -> Login:
+    def _complete(self, login: Login) -> Login | None:
         known = self._recall(login)
         if known is not None:
             context = {name: getattr(known, name) for name in _IDENTITY}
             login = login.with_context(**context)
             if not login.user:
                 login = replace(login, user=known.user)
+        if login.event == "disconnected" and not login.user:
+            return None  # a connection that never logged in (a probe, a failed key exchange)
         if login.event in {"accepted", "session_open"}:
             self._remember(login)
         if login.event == "session_close" and login.session_id is not None:

@@ -20,7 +20,7 @@ import pytest
 
 from agent.logins import AuthLogSource, JournalSource, Login, LoginWatcher, UtmpSource
 from agent.logins.parse import LineParser, split_syslog
-from tests.sshd import Sshd, SshUser, local_port, start_sshd, wait_until
+from tests.sshd import Sshd, SshUser, journald_namespace, local_port, start_sshd, wait_until
 
 DATA = Path(__file__).parent / "data" / "logins"
 
@@ -85,6 +85,8 @@ def test_a_bare_sshd_E_line_and_garbage_are_handled() -> None:
     parser = LineParser("authlog")
     login = parser.parse_line("Accepted password for bob from 127.0.0.1 port 4022 ssh2\r")
     assert login is not None and (login.user, login.pid, login.source_port) == ("bob", None, 4022)
+    # A connection that never logged in ends without an event.
+    assert parser.parse_line("Connection closed by 192.0.2.1 port 4100") is None
     for junk in ["", "\x00\xff", "Accepted", "Accepted password for x from y port 99999999 ssh2"]:
         result = parser.parse_line(junk)
         assert result is None or result.source_port is None
@@ -526,3 +528,45 @@ def test_a_burst_of_logins_across_a_rotation_loses_none(ssh_user: SshUser, tmp_p
     new_text = server.log_path.read_text()
     assert any(f"port {port} ssh2" in new_text for port in opened)
     assert any(f"Closing connection to 127.0.0.1 port {port}" in old_text for port in opened)
+
+
+def test_real_journal_logins_resume_from_the_saved_cursor(
+    ssh_user: SshUser, tmp_path: Path
+) -> None:
+    """A real journald (a journal namespace) receives the real sshd's syslog lines, PAM's
+    included; journalctl follows it, and a restart continues after the saved cursor."""
+    with (
+        journald_namespace() as (namespace, dev_log),
+        start_sshd(tmp_path / "sshd", ssh_user, syslog=dev_log) as server,
+    ):
+
+        def watcher() -> LoginWatcher:
+            return LoginWatcher(tmp_path, [JournalSource(extra_args=[f"--namespace={namespace}"])])
+
+        def opened(port: int) -> Any:
+            return lambda got: [e for e in _for_port(got, port) if e.event == "session_open"]
+
+        first: list[Login] = []
+        with watcher() as before:
+            by_key = server.connect(pkey=ssh_user.key())
+            key_port = local_port(by_key)
+            _collect(before, first, opened(key_port), "the key login in the journal")
+            before.commit()
+        by_password = server.connect(password=ssh_user.password)  # while nothing watches
+        password_port = local_port(by_password)
+        second: list[Login] = []
+        with watcher() as after:
+            _collect(after, second, opened(password_port), "the password login after restart")
+    accepted = [e for e in first if e.event == "accepted"]
+    assert [(e.source_port, e.method, e.source) for e in accepted] == [
+        (key_port, "publickey", "journal")
+    ]
+    assert accepted[0].fingerprint == ssh_user.fingerprint
+    assert accepted[0].pid is not None and accepted[0].pid != server.process.pid
+    session = [e for e in first if e.event == "session_open"]
+    assert len(session) == 1 and session[0].pid == accepted[0].pid
+    assert "pam_unix(sshd:session): session opened" in session[0].raw
+    assert [(e.event, e.source_port, e.method) for e in second if e.event == "accepted"] == [
+        ("accepted", password_port, "password")
+    ]
+    assert not _for_port(second, key_port)
