@@ -70,13 +70,16 @@ class CollectorClient:
         self.url = config.url.rstrip("/")
         self._timeout = (config.connect_timeout_s, config.read_timeout_s)
         self._session = requests.Session()
-        self._session.verify = str(config.ca_bundle) if config.ca_bundle else True
+        # passed with each request: a session-wide verify loses to $REQUESTS_CA_BUNDLE
+        self._verify: str | bool = str(config.ca_bundle) if config.ca_bundle else True
         self._session.headers["Content-Type"] = "application/json"
 
     def post(self, path: str, obj: Mapping[str, Any]) -> Reply:
         data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         try:
-            response = self._session.post(self.url + path, data=data, timeout=self._timeout)
+            response = self._session.post(
+                self.url + path, data=data, timeout=self._timeout, verify=self._verify
+            )
         except requests.RequestException as exc:
             raise CollectorError(f"{type(exc).__name__}: {exc}", path=self.url + path) from exc
         try:

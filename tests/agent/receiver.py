@@ -39,7 +39,7 @@ class Receiver:
         self.duplicates = 0
         self.requests = 0
         self.fail_next = 0  # answer this many report requests with 503
-        self.refuse: dict[int, tuple[int, str]] = {}  # seq -> (status, code), refused once
+        self.refuse: dict[int, tuple[int, str]] = {}  # seq -> (status, code), always refused
         self.port = 0
         self._cond = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
@@ -142,7 +142,7 @@ class Receiver:
                         raise wire.MalformedError("host_id mismatch", seq=env.seq)
                     wire.verify_signature(env, host.public_key)
                     if env.seq in self.refuse:
-                        status, code = self.refuse.pop(env.seq)
+                        status, code = self.refuse[env.seq]
                         return status, wire.error_body(code, "refused", index=index, seq=env.seq)
                     try:
                         link = chain.link(env, known_digest=host.digests.get(env.seq))
