@@ -223,7 +223,7 @@ class Daemon:
             self.shutdown("shutdown")
             if check.untrusted:
                 return EXIT_UNTRUSTED
-            return EXIT_OK if check.clean else EXIT_DRIFT
+            return EXIT_DRIFT if check.body is not None and not check.clean else EXIT_OK
         self._loop()
         return EXIT_OK
 
