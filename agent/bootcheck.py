@@ -1,22 +1,30 @@
 """The boot check as the daemon reports it: the baked manifest, verified, against this machine.
 
-A small adapter over the baseline engine (``agent.manifest``, ``agent.compare``): it loads the
-manifest (the configured pipeline key makes a missing or bad signature ``UntrustedError``),
-measures the root, and shapes the ``boot`` envelope's body (``docs/protocol.md``).
+A small adapter over the baseline engine (``agent.manifest``, ``agent.measure``,
+``agent.compare``): it loads the manifest (the configured pipeline key makes a missing or bad
+signature ``UntrustedError``), walks the root (re-hashing only what changed by its metadata),
+and shapes the ``boot`` envelope's body (``docs/protocol.md``). The agent's own files (the
+manifest, the state directory) are not measured when they lie inside the root.
+``measured_root`` stays empty: the walk does not build a Merkle tree of the running machine.
 """
 
 from __future__ import annotations
 
-import importlib
+import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent import keys, wire
+from agent.compare import compare_tree
 from agent.config import AgentSection
-from agent.errors import AgentError, ManifestError
 from agent.identity import Identity
+from agent.manifest import load_baseline
+from agent.measure import Walk
+from agent.policy import Policy, load_policy
 
 log = structlog.get_logger(__name__)
 
@@ -28,6 +36,7 @@ class BootCheck:
     integrity: list[dict[str, Any]] = field(default_factory=list)  # findings to report
     clean: bool = False
     untrusted: bool = False
+    policy: Policy | None = None  # the policy judged by (the baked one unless configured)
 
 
 def image_of(section: AgentSection, ident: Identity) -> dict[str, Any]:
@@ -46,12 +55,13 @@ def integrity(reason: str, detail: str, severity: str = "critical") -> dict[str,
     return {"type": "integrity", "reason": reason, "severity": severity, "detail": detail}
 
 
-def untrusted(detail: str, ident: Identity, section: AgentSection) -> BootCheck:
+def failed(reason: str, detail: str, ident: Identity, section: AgentSection) -> BootCheck:
+    """No boot check: the manifest is untrusted or unreadable, or the check itself failed."""
     return BootCheck(
         image=image_of(section, ident),
         body=None,
-        integrity=[integrity("baseline_untrusted", detail)],
-        untrusted=True,
+        integrity=[integrity(reason, detail)],
+        untrusted=reason == "baseline_untrusted",
     )
 
 
@@ -67,31 +77,56 @@ def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootC
         public_key = keys.load_public(section.pipeline_public_key)
     else:
         log.warning("baseline_signature_not_checked", advice="set [agent] pipeline_public_key")
-    try:
-        manifest = importlib.import_module("agent.manifest")
-        compare = importlib.import_module("agent.compare")
-    except ImportError as exc:
-        raise AgentError("the baseline engine is not installed") from exc
-    baseline = manifest.load_baseline(section.baseline, public_key=public_key)
-    result = compare.check_baseline(
-        section.root, baseline, policy_path=section.policy, first_boot=first_boot
+    baseline = load_baseline(section.baseline, public_key=public_key)
+    policy = load_policy(section.policy) if section.policy else baseline.policy
+    started = time.monotonic()
+    walk = Walk(
+        section.root,
+        policy,
+        unchanged=baseline.unchanged,
+        ignore=_inside(section.root, section.baseline, section.state_dir),
     )
-    if result is None:
-        raise ManifestError("the boot check returned nothing", path=section.baseline)
+    findings = [
+        f.to_wire()
+        for f in compare_tree(
+            baseline, walk, policy, first_boot=first_boot, root=section.root, skipped=walk.skipped
+        )
+    ]
     statement = baseline.statement
-    findings = [f.to_wire() for f in result.findings]
+    clean = not any(f["drift"] for f in findings)
+    stats = {
+        "paths": walk.count,
+        "measured": walk.measured,
+        "findings": len(findings),
+        "drift": sum(1 for f in findings if f["drift"]),
+        "skipped_mounts": len(walk.skipped),
+        "seconds": round(time.monotonic() - started, 3),
+        "policy": policy.name,
+    }
     body = {
         "first_boot": first_boot,
         "baseline": {
             "build_id": statement["build_id"],
             "root": statement["root"],
             "policy_digest": statement["policy_digest"],
-            "key_id": statement.get("key_id", ""),
+            "key_id": statement.get("key_id") or "",
             "signed": public_key is not None,
         },
-        "measured_root": result.measured_root,
-        "clean": not any(f.get("drift") for f in findings),
+        "measured_root": "",
+        "clean": clean,
         "findings": findings,
-        "stats": dict(result.stats),
+        "stats": stats,
     }
-    return BootCheck(image, body, clean=body["clean"])
+    log.info("boot_check_finished", clean=clean, **stats)
+    return BootCheck(image, body, clean=clean, policy=policy)
+
+
+def _inside(root: Path, *paths: Path) -> frozenset[str]:
+    """The image paths of the agent's own files that lie inside ``root`` (not measured)."""
+    base = os.path.realpath(root)
+    out = set()
+    for path in paths:
+        rel = os.path.relpath(os.path.realpath(path), base)
+        if not rel.startswith(".."):
+            out.add("/" + rel)
+    return frozenset(out)

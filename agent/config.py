@@ -76,11 +76,18 @@ class SpoolSection:
 
 
 @dataclass(frozen=True)
+class PackagesSection:
+    watch: bool = True
+    poll_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     source: str = "<defaults>"
     agent: AgentSection = AgentSection()
     collector: CollectorSection = CollectorSection()
     spool: SpoolSection = SpoolSection()
+    packages: PackagesSection = PackagesSection()
 
     def token(self) -> Secret:
         """The enrollment token: the key itself, else the first line of ``enroll_token_file``."""
@@ -102,6 +109,7 @@ SECTIONS: Final[dict[str, type[Any]]] = {
     "agent": AgentSection,
     "collector": CollectorSection,
     "spool": SpoolSection,
+    "packages": PackagesSection,
 }
 
 # Flags of `driftwarden-agent run` and the key each one overrides.
@@ -194,6 +202,10 @@ def _value(spec: dataclasses.Field[Any], raw: Any, ctx: str) -> Any:
     if kind == "str":
         if not isinstance(raw, str):
             raise ConfigError(f"{ctx} = {shown} is not a string")
+        return raw
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{ctx} = {shown} is not true or false")
         return raw
     if kind == "int":
         if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:

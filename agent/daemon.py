@@ -25,12 +25,24 @@ from typing import Any, Final, Protocol
 
 import structlog
 
-from agent import bootcheck, durable, identity
+from agent import bootcheck, durable, identity, keys
 from agent.config import AgentConfig, load_config
-from agent.errors import EXIT_DRIFT, EXIT_OK, EXIT_UNTRUSTED, ConfigError, UntrustedError, advice
+from agent.errors import (
+    EXIT_DRIFT,
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_UNTRUSTED,
+    AgentError,
+    ConfigError,
+    KeyFileError,
+    UntrustedError,
+    advice,
+)
+from agent.policy import load_policy
 from agent.reporter import Reporter
 from agent.sdnotify import Notifier
 from agent.sender import CollectorClient, Enrollment, Sender
+from agent.sources import PackageSource
 from agent.spool import Spool
 
 LIFECYCLE_FILE: Final = "lifecycle.json"
@@ -209,6 +221,7 @@ class Daemon:
             self.reporter.report("boot", check.body)
         for finding in check.integrity:
             self.reporter.report("finding", {"source": "integrity", "findings": [finding]})
+        self._sources = self._make_sources(check)
         identity.mark_first_boot(state_dir, self.identity)
         log.info(
             "agent_started",
@@ -223,16 +236,41 @@ class Daemon:
             self.shutdown("shutdown")
             if check.untrusted:
                 return EXIT_UNTRUSTED
+            if check.body is None and check.integrity and self.config.agent.baseline:
+                return EXIT_ERROR
             return EXIT_DRIFT if check.body is not None and not check.clean else EXIT_OK
         self._loop()
         return EXIT_OK
 
     def _boot_check(self, first_boot: bool) -> bootcheck.BootCheck:
+        """The boot check; whatever goes wrong is reported, and the agent keeps running."""
+        args = (self.identity, self.config.agent)
         try:
             return bootcheck.run(self.config.agent, first_boot=first_boot, identity=self.identity)
+        except ConfigError:
+            raise
         except UntrustedError as exc:
             log.error("baseline_untrusted", error=str(exc))
-            return bootcheck.untrusted(str(exc), self.identity, self.config.agent)
+            return bootcheck.failed("baseline_untrusted", str(exc), *args)
+        except AgentError as exc:
+            log.error("baseline_unreadable", error=str(exc))
+            return bootcheck.failed("baseline_unreadable", str(exc), *args)
+        except Exception as exc:  # the daemon must outlive a failed check
+            log.exception("boot_check_failed")
+            return bootcheck.failed("boot_check_failed", f"{type(exc).__name__}: {exc}", *args)
+
+    def _make_sources(self, check: bootcheck.BootCheck) -> list[Source]:
+        """The event sources to poll. SSH logins and the realtime file guard join here."""
+        sources: list[Source] = []
+        packages = self.config.packages
+        if packages.watch:
+            mode = check.policy.package_change if check.policy else "drift"
+            sources.append(
+                PackageSource(
+                    self.config.agent.root, package_change=mode, interval_s=packages.poll_interval_s
+                )
+            )
+        return sources
 
     def _start_sender(self, key: Any) -> None:
         collector = self.config.collector
@@ -368,8 +406,22 @@ def _resolved(overrides: dict[str, Any]) -> dict[str, Any]:
     return {k: v.resolve() if isinstance(v, Path) else v for k, v in overrides.items()}
 
 
+def preflight(config: AgentConfig) -> None:
+    """What loading the configuration cannot check alone: the key and policy files parse."""
+    key = config.agent.pipeline_public_key
+    if key is not None:
+        try:
+            keys.load_public(key)
+        except KeyFileError as exc:
+            raise ConfigError(f"[agent] pipeline_public_key: {exc}") from exc
+    if config.agent.policy is not None:
+        load_policy(config.agent.policy)
+    config.token()  # a token file must be readable
+
+
 def run_command(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args), _resolved(_overrides(args)))
+    preflight(config)
     return Daemon(config, once=bool(args.once)).run()
 
 
@@ -377,6 +429,6 @@ def check_config_command(args: argparse.Namespace) -> int:
     config = load_config(_config_path(args))
     if config.agent.baseline is None:
         raise ConfigError(f"{config.source}: [agent] baseline is not set (the boot check needs it)")
-    config.token()  # a token file must be readable
+    preflight(config)
     print(f"{config.source}: configuration is valid")
     return EXIT_OK

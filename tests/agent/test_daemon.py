@@ -280,3 +280,143 @@ def test_first_boot_only_on_the_first_boot_of_this_host(tmp_path: Path, root: Pa
     assert not identity.first_boot(state, rebooted)
     (root / "etc" / "machine-id").write_text("f" * 32 + "\n")  # a clone of this disk
     assert identity.first_boot(state, identity.read_identity(root, boot_id_path=boot))
+
+
+# --- the boot check with a real baked manifest ------------------------------------------------
+
+
+@pytest.fixture
+def baked(
+    root: Path, tmp_path: Path, agent_cmd: list[str], subprocess_env: dict[str, str], repo: Path
+) -> dict[str, Path]:
+    """An image root baked into a signed manifest with the shipped minimal policy."""
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "ssh").mkdir()
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "var" / "lib").mkdir(parents=True)
+    (root / "usr" / "bin" / "tool").write_bytes(b"\x7fELF tool")
+    key = tmp_path / "pipeline.key"
+    manifest = tmp_path / "image.manifest.gz"
+    for args in (
+        ["keygen", "--out", str(key)],
+        ["bake", "--root", str(root), "--policy", str(repo / "policies" / "minimal.toml"),
+         "--out", str(manifest), "--key", str(key), "--build-id", "build-7"],
+    ):  # fmt: skip
+        subprocess.run([*agent_cmd, *args], env=subprocess_env, check=True, capture_output=True)
+    return {"manifest": manifest, "pub": Path(str(key) + ".pub"), "key": key}
+
+
+def _once(root: Path, state: Path, baked: dict[str, Path], boot_id: Path, **agent: Any) -> int:
+    from agent.config import load_config
+    from agent.daemon import Daemon
+
+    text = (
+        f'[agent]\nroot = "{root}"\nstate_dir = "{state}"\nbaseline = "{baked["manifest"]}"\n'
+        + "".join(f"{k} = {json.dumps(str(v))}\n" for k, v in agent.items())
+    )
+    path = boot_id.parent / "boot.toml"
+    path.write_text(text)
+    return Daemon(load_config(path), once=True, boot_id_path=boot_id).run()
+
+
+def _boot_reports(state: Path) -> list[dict[str, Any]]:
+    return [r["body"] for r in _spooled(state) if r["kind"] == "boot"]
+
+
+def test_boot_check_clean_then_first_boot_allowance_only_on_the_first_boot(
+    root: Path, tmp_path: Path, baked: dict[str, Path]
+) -> None:
+    state = root / "var" / "lib" / "driftwarden"  # inside the root: not measured
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    pub = {"pipeline_public_key": baked["pub"]}
+    assert _once(root, state, baked, boot, **pub) == 0, _boot_reports(state)
+    (root / "etc" / "ssh" / "ssh_host_ed25519_key").write_text("made at first boot\n")
+    assert _once(root, state, baked, boot, **pub) == 0  # still the first boot
+    first, again = _boot_reports(state)
+    # only /var/lib's mtime changed (the state directory was made in it): not drift
+    assert first["clean"] and first["first_boot"]
+    assert [(f["path"], f["drift"]) for f in first["findings"]] == [("/var/lib", False)]
+    assert first["baseline"]["build_id"] == "build-7" and first["baseline"]["signed"]
+    key = [f for f in again["findings"] if f["path"] == "/etc/ssh/ssh_host_ed25519_key"]
+    assert again["clean"] and [(f["change"], f["drift"]) for f in key] == [("added", False)]
+
+    boot.write_text("boot-2\n")  # a reboot: the same change is now drift
+    assert _once(root, state, baked, boot, **pub) == 1
+    later = _boot_reports(state)[-1]
+    assert not later["first_boot"] and not later["clean"]
+    assert [f["path"] for f in later["findings"] if f["drift"]] == ["/etc/ssh/ssh_host_ed25519_key"]
+
+
+def test_boot_check_reports_drift_of_an_immutable_file(
+    root: Path, tmp_path: Path, baked: dict[str, Path]
+) -> None:
+    (root / "usr" / "bin" / "tool").write_bytes(b"\x7fELF trojan")
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    assert _once(root, tmp_path / "state", baked, boot) == 1
+    (report,) = _boot_reports(tmp_path / "state")
+    assert not report["baseline"]["signed"]  # no pipeline key configured
+    (finding,) = report["findings"]
+    assert (
+        finding["path"] == "/usr/bin/tool" and finding["drift"] and "content" in finding["fields"]
+    )
+
+
+def test_untrusted_manifest_is_reported_not_a_crash(
+    root: Path, tmp_path: Path, baked: dict[str, Path]
+) -> None:
+    other = tmp_path / "other.key"
+    keys.generate(other)
+    boot = tmp_path / "boot_id"
+    boot.write_text("boot-1\n")
+    state = tmp_path / "state"
+    with capture_logs() as logs:
+        code = _once(root, state, baked, boot, pipeline_public_key=Path(str(other) + ".pub"))
+    assert code == 3
+    assert any(e["event"] == "baseline_untrusted" for e in logs)
+    assert _boot_reports(state) == []
+    findings = [r["body"]["findings"][0] for r in _spooled(state) if r["kind"] == "finding"]
+    assert [(f["reason"], f["severity"]) for f in findings] == [("baseline_untrusted", "critical")]
+    assert [r["kind"] for r in _spooled(state)][-1] == "agent_stop"
+
+
+# --- package database re-reads ---------------------------------------------------------------
+
+
+def _dpkg_status(root: Path, *packages: tuple[str, str]) -> None:
+    status = root / "var" / "lib" / "dpkg" / "status"
+    status.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(
+        f"Package: {name}\nStatus: install ok installed\nArchitecture: amd64\nVersion: {ver}\n\n"
+        for name, ver in packages
+    )
+    tmp = status.with_name("status-new")
+    tmp.write_text(text)
+    tmp.rename(status)  # as dpkg does
+
+
+def test_a_package_change_while_running_is_reported(
+    runner: Runner, root: Path, receiver: Receiver
+) -> None:
+    _dpkg_status(root, ("libc6", "2.36-9"), ("openssl", "3.0.11-1"))
+    config = runner.config(root, receiver.url, poll_interval_s=0.02)
+    with config.open("a") as fh:
+        fh.write("[packages]\npoll_interval_s = 0.05\n")
+    proc = runner.start("--config", str(config))
+    receiver.wait_for(lambda rx: "agent_start" in rx.kinds())
+    _dpkg_status(root, ("libc6", "2.36-9"), ("openssl", "3.0.13-1"), ("netcat", "1.10-47"))
+    receiver.wait_for(lambda rx: "finding" in [e.kind for e in rx.envelopes() if e.seq > 2])
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, runner.log(0)
+    (found,) = [
+        e.body
+        for e in receiver.envelopes()
+        if e.kind == "finding" and e.body["source"] == "packages"
+    ]
+    changes = {(f["change"], f["name"], f["before"], f["after"]) for f in found["findings"]}
+    assert changes == {
+        ("installed", "netcat", None, "1.10-47"),
+        ("changed", "openssl", "3.0.11-1", "3.0.13-1"),
+    }
+    assert all(f["drift"] and f["type"] == "package" for f in found["findings"])
