@@ -159,21 +159,26 @@ def test_once_delivers_and_the_next_start_continues_the_chain(
 # --- kill -9 ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("collector_up", [False, True], ids=["collector-down", "collector-up"])
 def test_kill_9_loses_and_duplicates_nothing(
-    runner: Runner, root: Path, receiver: Receiver
+    runner: Runner, root: Path, receiver: Receiver, collector_up: bool
 ) -> None:
     state = runner.tmp / "state"
-    config = runner.config(root, receiver.url, heartbeat_interval_s=0.02, poll_interval_s=0.01)
+    config = runner.config(root, receiver.url, heartbeat_interval_s=0.005, poll_interval_s=0.005)
     first = runner.start("--config", str(config))
     receiver.wait_for(lambda rx: len(rx.envelopes()) >= 10)
-    receiver.stop()  # the collector goes away: reports pile up in the spool
-    wait_until(lambda: len(list((state / "spool" / "queue").glob("[0-9]*.json"))) >= 20)
+    if collector_up:  # killed in the middle of delivering
+        receiver.wait_for(lambda rx: len(rx.envelopes()) >= 60)
+    else:  # the collector goes away: reports pile up in the spool
+        receiver.stop()
+        wait_until(lambda: len(list((state / "spool" / "queue").glob("[0-9]*.json"))) >= 20)
     first.send_signal(signal.SIGKILL)
     assert first.wait(10) == -signal.SIGKILL
     left = _spooled(state)
-    assert left
+    assert left or collector_up
 
-    receiver.start()
+    if not collector_up:
+        receiver.start()
     second = runner.start("--config", str(config))
     receiver.wait_for(lambda rx: any(e.kind == "agent_start" and e.seq > 1 for e in rx.envelopes()))
     second.send_signal(signal.SIGTERM)
