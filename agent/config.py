@@ -82,12 +82,21 @@ class PackagesSection:
 
 
 @dataclass(frozen=True)
+class LoginsSection:
+    watch: bool = True
+    auth_logs: tuple[Path, ...] = ()
+    journal: bool = True
+    utmp: bool = True
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     source: str = "<defaults>"
     agent: AgentSection = AgentSection()
     collector: CollectorSection = CollectorSection()
     spool: SpoolSection = SpoolSection()
     packages: PackagesSection = PackagesSection()
+    logins: LoginsSection = LoginsSection()
 
     def token(self) -> Secret:
         """The enrollment token: the key itself, else the first line of ``enroll_token_file``."""
@@ -110,6 +119,7 @@ SECTIONS: Final[dict[str, type[Any]]] = {
     "collector": CollectorSection,
     "spool": SpoolSection,
     "packages": PackagesSection,
+    "logins": LoginsSection,
 }
 
 # Flags of `driftwarden-agent run` and the key each one overrides.
@@ -203,6 +213,13 @@ def _value(spec: dataclasses.Field[Any], raw: Any, ctx: str) -> Any:
         if not isinstance(raw, str):
             raise ConfigError(f"{ctx} = {shown} is not a string")
         return raw
+    if kind == "tuple[Path, ...]":
+        if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+            raise ConfigError(f"{ctx} = {shown} is not a list of paths")
+        bad = [v for v in raw if not v.startswith("/") or "\x00" in v]
+        if bad:
+            raise ConfigError(f"{ctx} has {bad[0]!r}: paths must be absolute")
+        return tuple(Path(v) for v in raw)
     if kind == "bool":
         if not isinstance(raw, bool):
             raise ConfigError(f"{ctx} = {shown} is not true or false")

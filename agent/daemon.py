@@ -42,7 +42,7 @@ from agent.policy import load_policy
 from agent.reporter import Reporter
 from agent.sdnotify import Notifier
 from agent.sender import CollectorClient, Enrollment, Sender
-from agent.sources import PackageSource
+from agent.sources import LoginSource, PackageSource
 from agent.spool import Spool
 
 LIFECYCLE_FILE: Final = "lifecycle.json"
@@ -64,6 +64,8 @@ class Source(Protocol):
     name: str  # the finding envelope's "source"
 
     def poll(self) -> list[dict[str, Any]]: ...  # wire findings, never blocks
+
+    def commit(self) -> None: ...  # the findings of the last poll are queued durably
 
     def close(self) -> None: ...
 
@@ -260,8 +262,15 @@ class Daemon:
             return bootcheck.failed("boot_check_failed", f"{type(exc).__name__}: {exc}", *args)
 
     def _make_sources(self, check: bootcheck.BootCheck) -> list[Source]:
-        """The event sources to poll. SSH logins and the realtime file guard join here."""
+        """The event sources to poll (none for --once). The realtime file guard joins here."""
         sources: list[Source] = []
+        if self.once:
+            return sources
+        if self.config.logins.watch:
+            mode = check.policy.ssh_login if check.policy else "taint"
+            sources.append(
+                LoginSource(self.config.agent.state_dir, self.config.logins, ssh_login=mode)
+            )
         packages = self.config.packages
         if packages.watch:
             mode = check.policy.package_change if check.policy else "drift"
@@ -335,6 +344,10 @@ class Daemon:
                 continue
             if findings:
                 self.reporter.report("finding", {"source": source.name, "findings": findings})
+            try:
+                source.commit()
+            except Exception:
+                log.exception("source_commit_failed", source=source.name)
 
     def health(self) -> dict[str, Any]:
         spool = self.reporter.spool.health()

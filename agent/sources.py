@@ -4,7 +4,11 @@
   and reports packages installed, removed or changed, judged by the policy's
   ``package_change`` (``drift``, ``alert`` or ``allow``).
 
-SSH logins (``agent.logins.LoginWatcher``) plug in the same way once that module is present.
+- ``LoginSource``: SSH logins from ``agent.logins.LoginWatcher`` (journal, auth logs, utmp),
+  each judged by the policy's ``ssh_login`` (``taint``, ``alert`` or ``allow``).
+
+The loop calls ``poll()``, queues what it returns durably, then ``commit()``: a source saves
+its position only then, so a crash in between repeats an event rather than losing it.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ from typing import Any
 
 import structlog
 
+from agent.config import LoginsSection
 from agent.errors import PackageDbError
+from agent.logins import LoginWatcher, default_sources
 from agent.packages import PackageSet, database_paths, diff_packages, read_packages
 
 log = structlog.get_logger(__name__)
 
 _VERDICTS = {"drift": (True, "warning"), "alert": (False, "warning"), "allow": (False, "info")}
+_LOGIN_SEVERITY = {"taint": "critical", "alert": "warning", "allow": "info"}
+_OPENING = frozenset({"accepted", "session_open"})
 
 
 def _fingerprint(paths: list[Path]) -> tuple[Any, ...]:
@@ -91,5 +99,37 @@ class PackageSource:
             for c in changes
         ]
 
+    def commit(self) -> None:
+        return
+
     def close(self) -> None:
         return
+
+
+class LoginSource:
+    name = "ssh"
+
+    def __init__(self, state_dir: Path, config: LoginsSection, *, ssh_login: str) -> None:
+        sources = default_sources(
+            auth_logs=list(config.auth_logs) or None,
+            journal=None if config.journal else False,
+            utmp=config.utmp,
+        )
+        self._watcher = LoginWatcher(state_dir, sources)
+        self._verdict = ssh_login
+
+    def poll(self) -> list[dict[str, Any]]:
+        out = []
+        for login in self._watcher.poll():
+            finding = login.to_wire()
+            finding["verdict"] = self._verdict
+            opening = login.event in _OPENING
+            finding["severity"] = _LOGIN_SEVERITY[self._verdict] if opening else "info"
+            out.append(finding)
+        return out
+
+    def commit(self) -> None:
+        self._watcher.commit()
+
+    def close(self) -> None:
+        self._watcher.close()

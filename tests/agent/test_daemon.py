@@ -425,3 +425,45 @@ def test_a_package_change_while_running_is_reported(
         ("changed", "openssl", "3.0.11-1", "3.0.13-1"),
     }
     assert all(f["drift"] and f["type"] == "package" for f in found["findings"])
+
+
+# --- SSH logins ------------------------------------------------------------------------------
+
+
+def test_an_ssh_login_is_reported_with_the_policy_verdict(
+    runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    auth_log = tmp_path / "auth.log"
+    auth_log.write_text("")
+    config = runner.config(root, receiver.url, poll_interval_s=0.02)
+    with config.open("a") as fh:
+        fh.write(f'[logins]\nauth_logs = ["{auth_log}"]\njournal = false\nutmp = false\n')
+    proc = runner.start("--config", str(config))
+    receiver.wait_for(lambda rx: "agent_start" in rx.kinds())
+    with auth_log.open("a") as fh:
+        fh.write(
+            "2026-11-26T10:00:00.123456+00:00 web sshd[4242]: Accepted publickey for ops from "
+            "192.0.2.1 port 5000 ssh2: ED25519 SHA256:abc\n"
+        )
+    receiver.wait_for(
+        lambda rx: any(e.kind == "finding" and e.body["source"] == "ssh" for e in rx.envelopes())
+    )
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, runner.log(0)
+    (found,) = [
+        e.body for e in receiver.envelopes() if e.kind == "finding" and e.body["source"] == "ssh"
+    ]
+    (login,) = found["findings"]
+    assert (login["type"], login["event"], login["user"], login["source_port"]) == (
+        "login",
+        "accepted",
+        "ops",
+        5000,
+    )
+    assert (login["fingerprint"], login["verdict"], login["severity"]) == (
+        "SHA256:abc",
+        "taint",  # no baseline: the default policy verdict
+        "critical",
+    )
+    saved = json.loads((runner.tmp / "state" / "logins.json").read_text())
+    assert saved  # the position is kept, so a restart does not report it again
