@@ -1,0 +1,132 @@
+"""The boot check as the daemon reports it: the baked manifest, verified, against this machine.
+
+A small adapter over the baseline engine (``agent.manifest``, ``agent.measure``,
+``agent.compare``): it loads the manifest (the configured pipeline key makes a missing or bad
+signature ``UntrustedError``), walks the root (re-hashing only what changed by its metadata),
+and shapes the ``boot`` envelope's body (``docs/protocol.md``). The agent's own files (the
+manifest, the state directory) are not measured when they lie inside the root.
+``measured_root`` stays empty: the walk does not build a Merkle tree of the running machine.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent import keys, wire
+from agent.compare import compare_tree
+from agent.config import AgentSection
+from agent.identity import Identity
+from agent.manifest import load_baseline
+from agent.measure import Walk
+from agent.policy import Policy, load_policy
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class BootCheck:
+    image: dict[str, Any]  # {"build_id", "root", "cloud_image_id"} as in enrollment facts
+    body: dict[str, Any] | None  # the "boot" envelope's body; None when nothing was checked
+    integrity: list[dict[str, Any]] = field(default_factory=list)  # findings to report
+    clean: bool = False
+    untrusted: bool = False
+    policy: Policy | None = None  # the policy judged by (the baked one unless configured)
+
+
+def image_of(section: AgentSection, ident: Identity) -> dict[str, Any]:
+    """The image identity from the manifest's statement (its first line only)."""
+    build_id = root = ""
+    if section.baseline is not None:
+        try:
+            statement = wire.read_statement(section.baseline)
+            build_id, root = statement["build_id"], statement["root"]
+        except wire.WireError as exc:
+            log.error("baseline_statement_unreadable", path=str(section.baseline), error=str(exc))
+    return {"build_id": build_id, "root": root, "cloud_image_id": ident.cloud_image_id}
+
+
+def integrity(reason: str, detail: str, severity: str = "critical") -> dict[str, Any]:
+    return {"type": "integrity", "reason": reason, "severity": severity, "detail": detail}
+
+
+def failed(reason: str, detail: str, ident: Identity, section: AgentSection) -> BootCheck:
+    """No boot check: the manifest is untrusted or unreadable, or the check itself failed."""
+    return BootCheck(
+        image=image_of(section, ident),
+        body=None,
+        integrity=[integrity(reason, detail)],
+        untrusted=reason == "baseline_untrusted",
+    )
+
+
+def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootCheck:
+    """Verify the manifest and measure the root; raises ``UntrustedError`` on a bad signature."""
+    image = image_of(section, identity)
+    if section.baseline is None:
+        log.warning("boot_check_skipped", reason="no baseline configured")
+        detail = "no baseline configured: the boot check was skipped"
+        return BootCheck(image, None, [integrity("no_baseline", detail, "warning")])
+    public_key = None
+    if section.pipeline_public_key is not None:
+        public_key = keys.load_public(section.pipeline_public_key)
+    else:
+        log.warning("baseline_signature_not_checked", advice="set [agent] pipeline_public_key")
+    baseline = load_baseline(section.baseline, public_key=public_key)
+    policy = load_policy(section.policy) if section.policy else baseline.policy
+    started = time.monotonic()
+    walk = Walk(
+        section.root,
+        policy,
+        unchanged=baseline.unchanged,
+        ignore=_inside(section.root, section.baseline, section.state_dir),
+    )
+    findings = [
+        f.to_wire()
+        for f in compare_tree(
+            baseline, walk, policy, first_boot=first_boot, root=section.root, skipped=walk.skipped
+        )
+    ]
+    statement = baseline.statement
+    clean = not any(f["drift"] for f in findings)
+    stats = {
+        "paths": walk.count,
+        "measured": walk.measured,
+        "findings": len(findings),
+        "drift": sum(1 for f in findings if f["drift"]),
+        "skipped_mounts": len(walk.skipped),
+        "seconds": round(time.monotonic() - started, 3),
+        "policy": policy.name,
+    }
+    body = {
+        "first_boot": first_boot,
+        "baseline": {
+            "build_id": statement["build_id"],
+            "root": statement["root"],
+            "policy_digest": statement["policy_digest"],
+            "key_id": statement.get("key_id") or "",
+            "signed": public_key is not None,
+        },
+        "measured_root": "",
+        "clean": clean,
+        "findings": findings,
+        "stats": stats,
+    }
+    log.info("boot_check_finished", clean=clean, **stats)
+    return BootCheck(image, body, clean=clean, policy=policy)
+
+
+def _inside(root: Path, *paths: Path) -> frozenset[str]:
+    """The image paths of the agent's own files that lie inside ``root`` (not measured)."""
+    base = os.path.realpath(root)
+    out = set()
+    for path in paths:
+        rel = os.path.relpath(os.path.realpath(path), base)
+        if not rel.startswith(".."):
+            out.add("/" + rel)
+    return frozenset(out)
