@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
-  for pkg in openssh-server aide debsums prometheus-alertmanager systemd; do
+  for pkg in openssh-server aide debsums prometheus-alertmanager systemd rpm libcap2-bin; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then
