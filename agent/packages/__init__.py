@@ -14,11 +14,12 @@ inside the image root), ``verify`` (the digest checker).
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import structlog
 
-from agent.packages import apk, dpkg, rpm
+from agent.packages import apk, dpkg, dpkg_files, rpm
 from agent.packages.image import ImageRoot
 from agent.packages.model import (
     Package,
@@ -82,17 +83,22 @@ def read_packages(root: Path) -> PackageSet:
 
 
 def verify_package_files(
-    root: Path, *, include_conffiles: bool = True, workers: int = 0
+    root: Path,
+    *,
+    include_conffiles: bool = True,
+    only: Collection[str] | None = None,
+    workers: int = 0,
 ) -> list[PackageFileMismatch]:
     """Package-owned files whose content is not the vendor's (dpkg's MD5 digests, as
-    ``debsums`` checks them), sorted by path. ``workers`` threads hash (0: a default for this
+    ``debsums -a`` checks them), sorted by path. ``only`` limits the check to the packages
+    named (``name`` or ``name:arch``); ``workers`` threads hash (0: a default for this
     machine). Databases other than dpkg's carry no digests read here: nothing is reported."""
     manager = detect_manager(root)
     if manager != "dpkg":
         if manager != "none":
             log.info("package_verify_unsupported", manager=manager)
         return []
-    digests = dpkg.file_digests(root, include_conffiles=include_conffiles)
+    digests = dpkg_files.file_digests(root, include_conffiles=include_conffiles, only=only)
     return verify_digests(root, digests, workers=workers)
 
 

@@ -1,5 +1,6 @@
-"""dpkg's database, read as files: ``status`` (with the journal in ``updates/``),
-``diversions``, and the ``info/*.md5sums`` digests. dpkg itself is never run.
+"""dpkg's package database, read as files: ``status``, with the journal of ``updates/``
+applied. dpkg itself is never run. (The files each package owns, and their digests, are
+``dpkg_files``.)
 
 A package counts as present when its files are on disk: ``installed`` (also with triggers
 pending or awaited), and the half-done states ``half-installed``, ``unpacked`` and
@@ -20,14 +21,11 @@ import structlog
 
 from agent.errors import PackageDbError
 from agent.packages.dbfile import db_lines, read_db_file
-from agent.packages.image import ImageRoot, NotRegularError, normalize
+from agent.packages.image import ImageRoot, normalize
 from agent.packages.model import Package, PackageSet, UnsettledPackage
-from agent.packages.verify import FileDigest
 
 STATUS: Final = "/var/lib/dpkg/status"
 UPDATES: Final = "/var/lib/dpkg/updates"
-DIVERSIONS: Final = "/var/lib/dpkg/diversions"
-INFO: Final = "/var/lib/dpkg/info"
 
 _WANTS: Final = frozenset({"unknown", "install", "hold", "deinstall", "purge"})
 _FLAGS: Final = frozenset({"ok", "reinstreq", "hold", "hold-reinstreq"})
@@ -37,10 +35,8 @@ _ABSENT: Final = frozenset({"not-installed", "config-files"})
 _NAME_RE: Final = re.compile(r"[a-z0-9][a-z0-9.+-]+")
 _ARCH_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]*")
 _FIELD_RE: Final = re.compile(r"([^\s:#-][^\s:]*):(.*)")
-_MD5_RE: Final = re.compile(r"(\\?)([0-9a-fA-F]{32}) [ *](.+)")
 _HEX32_RE: Final = re.compile(r"[0-9a-fA-F]{32}")
 _CONFFILE_FLAGS: Final = frozenset({"obsolete", "remove-on-upgrade"})
-_UNESCAPE: Final = {"\\": "\\", "n": "\n", "r": "\r"}
 
 log = structlog.get_logger(__name__)
 
@@ -208,82 +204,3 @@ def read_dpkg(root: Path) -> PackageSet:
     for item in unsettled:
         log.warning("package_unsettled", package=item.name, arch=item.arch, state=item.state)
     return PackageSet.build("dpkg", (r.package for r in records), unsettled)
-
-
-def read_diversions(root: Path) -> dict[str, tuple[str, str]]:
-    """``diverted path -> (where it went, diverting package)``; ``":"`` is a local diversion."""
-    data = read_db_file(ImageRoot(root), DIVERSIONS, missing_ok=True)
-    if data is None:
-        return {}
-    lines = db_lines(data, DIVERSIONS)
-    if lines and lines[-1] == "":
-        lines.pop()
-    if len(lines) % 3:
-        raise PackageDbError(
-            f"line {len(lines) - len(lines) % 3 + 1}: incomplete diversion (from, to, package)",
-            path=DIVERSIONS,
-        )
-    out: dict[str, tuple[str, str]] = {}
-    for index in range(0, len(lines), 3):
-        source, target, owner = (
-            normalize(lines[index]),
-            normalize(lines[index + 1]),
-            lines[index + 2],
-        )
-        if source is None or target is None or not owner:
-            raise PackageDbError(f"line {index + 1}: invalid diversion", path=DIVERSIONS)
-        out[source] = (target, owner)
-    return out
-
-
-def _unescape(text: str) -> str:
-    return re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m.group(1), m.group(0)), text)
-
-
-def read_md5sums(data: bytes, path: str) -> Iterator[tuple[str, str]]:
-    """``(image path, md5 hex)`` per valid line; a bad line is logged and skipped, so one
-    damaged entry never hides the rest of the package."""
-    for number, line in enumerate(data.decode("utf-8", "surrogateescape").split("\n"), 1):
-        if not line:
-            continue
-        match = _MD5_RE.fullmatch(line)
-        image_path = None
-        if match is not None:
-            name = _unescape(match.group(3)) if match.group(1) else match.group(3)
-            image_path = normalize(name)
-        if match is None or image_path is None:
-            log.warning("package_digest_line_invalid", path=path, line=number)
-            continue
-        yield image_path, match.group(2).lower()
-
-
-def file_digests(root: Path, *, include_conffiles: bool = True) -> list[FileDigest]:
-    """What every present package says its files must hash to, diversions applied."""
-    image = ImageRoot(root)
-    diversions = read_diversions(root)
-
-    def placed(path: str, owner: str) -> str:
-        diverted = diversions.get(path)
-        return diverted[0] if diverted is not None and diverted[1] != owner else path
-
-    out: list[FileDigest] = []
-    for record in read_records(root):
-        name = record.package.name
-        conffiles = {path for path, _ in record.conffiles}
-        data = None
-        for candidate in (f"{INFO}/{name}:{record.package.arch}.md5sums", f"{INFO}/{name}.md5sums"):
-            try:
-                data = image.read_bytes(candidate)
-                break
-            except (OSError, NotRegularError):
-                continue
-        if data is None:
-            log.info("package_digests_missing", package=record.label)
-        else:
-            for path, digest in read_md5sums(data, candidate):
-                if path not in conffiles:
-                    out.append(FileDigest(record.label, placed(path, name), "md5", digest))
-        if include_conffiles:
-            for path, digest in record.conffiles:
-                out.append(FileDigest(record.label, placed(path, name), "md5", digest, True))
-    return out

@@ -39,6 +39,7 @@ class FileDigest:
     algorithm: str  # a hashlib name: "md5", "sha256"
     digest: str  # lowercase hex
     conffile: bool = False
+    optional: bool = False  # may be absent (dpkg was told not to unpack it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,8 @@ def verify_digests(
 def _compare(path: str, seen: _Seen, claims: list[FileDigest]) -> list[PackageFileMismatch]:
     out: list[PackageFileMismatch] = []
     for claim in sorted(claims, key=lambda c: c.package):
+        if seen.reason == "missing" and claim.optional:
+            continue
         if seen.reason is not None:
             out.append(
                 PackageFileMismatch(
