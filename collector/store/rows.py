@@ -7,7 +7,6 @@ import dataclasses
 import enum
 import typing
 from collections.abc import Mapping
-from functools import cache
 from typing import Any, TypeVar
 
 from sqlalchemy import Row
@@ -26,6 +25,7 @@ from collector.model import (
 )
 
 T = TypeVar("T")
+_CACHE: dict[type[Any], tuple[tuple[str, str, Any], ...]] = {}
 
 _RENAMED: dict[type[Any], dict[str, str]] = {
     Job: {"job_id": "id"},
@@ -35,8 +35,9 @@ _RENAMED: dict[type[Any], dict[str, str]] = {
 }
 
 
-@cache
 def _converters(cls: type[Any]) -> tuple[tuple[str, str, Any], ...]:
+    if cls in _CACHE:
+        return _CACHE[cls]
     hints = typing.get_type_hints(cls)
     renamed = _RENAMED.get(cls, {})
     out = []
@@ -56,7 +57,8 @@ def _converters(cls: type[Any]) -> tuple[tuple[str, str, Any], ...]:
         elif typing.get_origin(base) is Mapping or base is Mapping:
             convert = dict
         out.append((f.name, renamed.get(f.name, f.name), convert))
-    return tuple(out)
+    _CACHE[cls] = tuple(out)
+    return _CACHE[cls]
 
 
 def record(cls: type[T], row: Row[Any]) -> T:
