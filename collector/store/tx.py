@@ -165,8 +165,9 @@ class SqlTx:
                 updated_at=self.now,
             )
             .on_conflict_do_nothing()  # type: ignore[attr-defined]
+            .returning(jobs.c.id)
         )
-        return bool(result.rowcount)
+        return result.first() is not None  # rowcount is not reliable after ON CONFLICT
 
     def image(self, build_id: str) -> Image | None:
         row = self.conn.execute(select(images).where(images.c.build_id == build_id)).first()
@@ -216,8 +217,9 @@ class SqlTx:
             self._insert(fleet_events)
             .values(kind=kind, opened_at=self.now, detail=dict(detail))
             .on_conflict_do_nothing()  # type: ignore[attr-defined]
+            .returning(fleet_events.c.id)
         )
-        return bool(result.rowcount)
+        return result.first() is not None
 
     def close_fleet_event(self, kind: str) -> bool:
         result = self.conn.execute(

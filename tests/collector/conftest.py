@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -14,10 +13,12 @@ from sqlalchemy.exc import OperationalError
 
 from collector import auth
 from collector.api import create_app
-from collector.config import Config, ImageConfig, ServerConfig
+from collector.config import Config
 from collector.model import Role
 from collector.store import SqlStore, open_store
 from collector.store.schema import metadata
+from tests.collector.apptest import make_config
+from tests.collector.clock import Clock
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
@@ -75,13 +76,6 @@ def sqlite_store(tmp_path: Path) -> Iterator[SqlStore]:
         opened.close()
 
 
-def make_config(**images: Any) -> Config:
-    return Config(
-        server=ServerConfig(workers=False),
-        images=ImageConfig(require_registered=False, **images),
-    )
-
-
 @pytest.fixture
 def config() -> Config:
     return make_config()
@@ -104,17 +98,9 @@ def enroll_token(store: SqlStore) -> str:
     return auth.create_enroll_token(store, note="tests")[0]
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
-    """The one error envelope: {"error": {"code", "message", "details"}}."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"code", "message", "details"}, body
-    assert body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    details: dict[str, Any] = body["error"]["details"]
-    return details
+@pytest.fixture
+def clock(store: SqlStore) -> Clock:
+    """The store's time, moved by hand (starts at T0)."""
+    c = Clock()
+    store.clock = c
+    return c

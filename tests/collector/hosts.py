@@ -9,6 +9,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent import wire
+from collector.model import HostState
+from collector.store import SqlStore
 
 ROOT = "ab" * 32
 _ids = itertools.count(1)
@@ -134,3 +136,26 @@ def login(verdict: str = "taint") -> dict[str, Any]:
         "verdict": verdict,
         "severity": "critical",
     }
+
+
+def add_host(store: SqlStore, host_id: str, *, state: HostState = HostState.CLEAN) -> None:
+    with store.transaction() as tx:
+        tx.insert_host(
+            host_id,
+            {
+                "state": state.value,
+                "state_since": tx.now,
+                "state_cause": "test",
+                "key_id": "ed25519:0",
+                "public_key": b"\x00" * 32,
+                "hostname": host_id,
+                "pool": "web",
+                "boot_id": "b",
+                "agent_version": "0.1.0",
+                "image_build_id": "img-1",
+                "enrolled_at": tx.now,
+                "envelopes": 0,
+                "health": {},
+                "facts": {},
+            },
+        )

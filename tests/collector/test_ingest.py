@@ -15,7 +15,8 @@ from collector import auth
 from collector.api import create_app
 from collector.model import HostState
 from collector.store import SqlStore
-from tests.collector.conftest import assert_error, make_config
+from tests.collector.apptest import assert_error, make_config
+from tests.collector.clock import Clock
 from tests.collector.hosts import SimHost, file_drift, login
 
 
@@ -58,7 +59,7 @@ def test_enroll_is_idempotent_for_the_same_key(
     assert (trail.from_state, trail.to_state, trail.actor) == (None, "enrolled", "enrollment")
 
 
-def test_enroll_token_rules(client: TestClient, store: SqlStore) -> None:
+def test_enroll_token_rules(client: TestClient, store: SqlStore, clock: Clock) -> None:
     once, _ = auth.create_enroll_token(store, uses=1)
     assert client.post("/v1/enroll", json=SimHost().enrollment(once)).status_code == 201
     assert_error(client.post("/v1/enroll", json=SimHost().enrollment(once)), 401, "bad_token")
@@ -66,15 +67,9 @@ def test_enroll_token_rules(client: TestClient, store: SqlStore) -> None:
     revoked, record = auth.create_enroll_token(store)
     store.revoke_enroll_token(record.token_id)
     assert_error(client.post("/v1/enroll", json=SimHost().enrollment(revoked)), 401, "bad_token")
-    expired, _ = auth.create_enroll_token(store, expires_in_s=0.001)
-    store.clock = lambda: wire_time_plus(60)
+    expired, _ = auth.create_enroll_token(store, expires_in_s=30)
+    clock.advance(31)
     assert_error(client.post("/v1/enroll", json=SimHost().enrollment(expired)), 401, "bad_token")
-
-
-def wire_time_plus(seconds: float) -> Any:
-    from datetime import UTC, datetime, timedelta
-
-    return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 def test_enroll_refuses_forged_and_malformed(client: TestClient, enroll_token: str) -> None:
