@@ -16,9 +16,9 @@ import requests
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from tests.collector.apptest import statement
 from tests.collector.hosts import SimHost, file_drift
 from tests.collector.servers import CONFIG, REPO, Server
-from tests.collector.test_api import statement
 
 pytestmark = pytest.mark.slow
 
