@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from collector.errors import ConfigError
+from collector.keys import load_public_key
 
 MIB: Final = 1 << 20
 
@@ -210,3 +211,7 @@ def _check(config: Config, source: str) -> None:
             raise ConfigError(
                 f"{source}: [images] pipeline_public_keys has {path!r}, which is not a file"
             )
+        try:
+            load_public_key(Path(path))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: [images] pipeline_public_keys: {exc}") from exc

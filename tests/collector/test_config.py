@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from collector import config
 from collector.errors import EXIT_CONFIG, ConfigError
@@ -29,7 +31,8 @@ def test_defaults_are_valid_and_zero_setup(tmp_path: Path, monkeypatch: pytest.M
 
 def test_a_full_file(tmp_path: Path) -> None:
     key = tmp_path / "pipeline.pub"
-    key.write_text("not checked here")
+    public = Ed25519PrivateKey.generate().public_key()
+    key.write_bytes(public.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
     loaded = config.load(
         write(
             tmp_path,
@@ -92,6 +95,13 @@ def test_mistakes_name_file_key_and_value(tmp_path: Path, text: str, message: st
         config.load(write(tmp_path, text))
     assert message in str(info.value)
     assert info.value.exit_code == EXIT_CONFIG
+
+
+def test_pipeline_keys_must_be_ed25519_pem(tmp_path: Path) -> None:
+    key = tmp_path / "pipeline.pub"
+    key.write_text("not a key")
+    with pytest.raises(ConfigError, match=r"pipeline_public_keys: .*not a PEM public key"):
+        config.load(write(tmp_path, f'[images]\npipeline_public_keys = ["{key}"]\n'))
 
 
 def test_missing_file(tmp_path: Path) -> None:
