@@ -105,7 +105,8 @@ def compare_entry(
     first_boot: bool,
     root: Path | None = None,
 ) -> Finding | None:
-    """Judge one path: None when it is unchanged (or excluded), else a ``Finding``.
+    """Judge one path: a ``Finding``, or None when nothing the deciding rule looks at changed
+    (or the path is excluded). A path added or removed is always a finding, drift or not.
 
     ``root`` lets a growth-only rule confirm that a file only grew, by hashing the first
     ``before.size`` bytes of the file as it is now; without it a growth is not assumed.
@@ -122,8 +123,8 @@ def compare_entry(
     else:
         path = after.path
         fields = changed_fields(before, after)
-        if not fields:
-            return None
+        if not set(fields) & decision.attributes:
+            return None  # only attributes this rule ignores changed
         change = "modified"
     grew_only = (
         decision.kind == "growth_only"
