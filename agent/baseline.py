@@ -17,9 +17,9 @@ import structlog
 from agent import keys
 from agent.compare import Finding, compare_tree
 from agent.errors import EXIT_DRIFT, EXIT_OK, AgentError, PolicyError
-from agent.manifest import Baseline, ManifestWriter, load_baseline
-from agent.measure import Entry, Walk
+from agent.manifest import Baseline, ManifestWriter, load_baseline, read_head
 from agent.policy import Policy, load_policy
+from agent.walk import Walk
 from agent.wire import display_path
 
 CHECK_FORMAT: Final = "driftwarden-check"
@@ -66,13 +66,14 @@ def bake_command(args: argparse.Namespace) -> int:
     log.info("bake_started", root=str(root), policy=policy.name, out=str(out))
     own = {str(out.with_name(f".{out.name}{suffix}")) for suffix in (".tmp", ".entries.tmp")}
     ignore = _inside(root, out, *(Path(p) for p in own))
-    walk = Walk(root, policy, workers=args.workers, ignore=ignore)
-    with ManifestWriter(
-        out, policy=policy, policy_text=text, build_id=args.build_id, signer=signer
-    ) as writer:
-        for item in walk:
-            assert isinstance(item, Entry)  # no reference, so every path is measured
-            writer.add(item)
+    with (
+        Walk(root, policy, workers=args.workers, ignore=ignore) as walk,
+        ManifestWriter(
+            out, policy=policy, policy_text=text, build_id=args.build_id, signer=signer
+        ) as writer,
+    ):
+        for path, line, is_dir in walk.records():
+            writer.add_line(path, line, is_dir=is_dir)
         statement = writer.finish()
     seconds = time.monotonic() - started
     log.info("bake_finished", entries=writer.count, root_digest=statement["root"], seconds=seconds)
@@ -85,28 +86,25 @@ def bake_command(args: argparse.Namespace) -> int:
 def check_command(args: argparse.Namespace) -> int:
     root = _root_dir(args.root)
     public_key = keys.load_public(args.pubkey) if args.pubkey else None
-    baseline = load_baseline(args.baseline, public_key=public_key)
+    head = read_head(args.baseline, public_key=public_key)
     if public_key is None:
         log.warning("baseline_unverified", baseline=str(args.baseline), hint="pass --pubkey")
-    policy = load_policy(args.policy) if args.policy else baseline.policy
+    policy = load_policy(args.policy) if args.policy else head.policy
     started = time.monotonic()
-    walk = Walk(
-        root,
-        policy,
-        workers=args.workers,
-        unchanged=None if args.full else baseline.unchanged,
-        ignore=_inside(root, args.baseline),
-    )
-    findings = list(
-        compare_tree(
-            baseline,
-            walk,
-            policy,
-            first_boot=args.first_boot,
-            root=root,
-            skipped=walk.skipped,
+    ignore = _inside(root, args.baseline)
+    with Walk(root, policy, workers=args.workers, fast=not args.full, ignore=ignore) as walk:
+        walk.start()  # the workers walk while this process reads and verifies the baseline
+        baseline = load_baseline(args.baseline, public_key=public_key)
+        findings = list(
+            compare_tree(
+                baseline,
+                walk.compared(baseline),
+                policy,
+                first_boot=args.first_boot,
+                root=root,
+                skipped=walk.skipped,
+            )
         )
-    )
     drift = any(f.drift for f in findings)
     log.info(
         "check_finished",

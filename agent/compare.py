@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import record
-from agent.measure import Entry, Same, full_path, hash_file, order_key, root_prefix
+from agent.measure import Entry, full_path, hash_file, order_key, root_prefix
 from agent.policy import Decision, Policy
+from agent.walk import Same
 from agent.wire import encode_path
 
 
