@@ -15,9 +15,10 @@ from typing import Any, Final
 import structlog
 
 from agent import keys
-from agent.compare import Finding, compare_tree
+from agent.compare import Finding, PackageFinding, compare_packages, compare_tree
 from agent.errors import EXIT_DRIFT, EXIT_OK, AgentError, PolicyError
 from agent.manifest import Baseline, ManifestWriter, load_baseline, read_head
+from agent.packages import read_packages
 from agent.policy import Policy, load_policy
 from agent.walk import Walk
 from agent.wire import display_path
@@ -61,6 +62,7 @@ def bake_command(args: argparse.Namespace) -> int:
     root = _root_dir(args.root)
     policy, text = _policy_with_text(args.policy)
     signer = keys.load_private(args.key) if args.key else None
+    packages = read_packages(root)
     out: Path = args.out
     started = time.monotonic()
     log.info("bake_started", root=str(root), policy=policy.name, out=str(out))
@@ -74,11 +76,15 @@ def bake_command(args: argparse.Namespace) -> int:
     ):
         for path, line, is_dir in walk.records():
             writer.add_line(path, line, is_dir=is_dir)
+        writer.set_packages(packages)
         statement = writer.finish()
     seconds = time.monotonic() - started
     log.info("bake_finished", entries=writer.count, root_digest=statement["root"], seconds=seconds)
     signed = f"signed by {statement['key_id']}" if signer else "UNSIGNED (no --key)"
-    print(f"baked {writer.count} entries from {root} into {out}")
+    print(
+        f"baked {writer.count} entries and {len(packages.packages)} {packages.manager} packages"
+        f" from {root} into {out}"
+    )
     print(f"merkle root {statement['root']}, {signed}")
     return EXIT_OK
 
@@ -95,7 +101,8 @@ def check_command(args: argparse.Namespace) -> int:
     with Walk(root, policy, workers=args.workers, fast=not args.full, ignore=ignore) as walk:
         walk.start()  # the workers walk while this process reads and verifies the baseline
         baseline = load_baseline(args.baseline, public_key=public_key)
-        findings = list(
+        current_packages = read_packages(root)
+        findings: list[Finding | PackageFinding] = list(
             compare_tree(
                 baseline,
                 walk.compared(baseline),
@@ -105,6 +112,7 @@ def check_command(args: argparse.Namespace) -> int:
                 skipped=walk.skipped,
             )
         )
+    findings += compare_packages(baseline.packages, current_packages, policy)
     drift = any(f.drift for f in findings)
     log.info(
         "check_finished",
@@ -123,7 +131,7 @@ def check_command(args: argparse.Namespace) -> int:
     return EXIT_DRIFT if drift else EXIT_OK
 
 
-def _counts(findings: Iterable[Finding]) -> dict[str, int]:
+def _counts(findings: Iterable[Finding | PackageFinding]) -> dict[str, int]:
     out = {"findings": 0, "drift": 0, "critical": 0, "warning": 0, "info": 0}
     for finding in findings:
         out["findings"] += 1
@@ -137,7 +145,7 @@ def _report(
     baseline: Baseline,
     policy: Policy,
     walk: Walk,
-    findings: list[Finding],
+    findings: list[Finding | PackageFinding],
     *,
     verified: bool,
 ) -> dict[str, Any]:
@@ -164,14 +172,20 @@ def _report(
     }
 
 
-def _print_text(findings: list[Finding], walk: Walk) -> None:
-    for f in findings:
-        status = "DRIFT" if f.drift else "allowed"
-        fields = f" [{','.join(f.fields)}]" if f.fields else ""
-        print(
-            f"{status:7} {f.severity:8} {f.change:8} {display_path(f.path)}{fields}"
-            f"  rule {f.rule!r} ({f.kind}): {f.reason}"
-        )
+def _line(finding: Finding | PackageFinding) -> str:
+    status = "DRIFT" if finding.drift else "allowed"
+    head = f"{status:7} {finding.severity:8} {finding.change:9}"
+    if isinstance(finding, PackageFinding):
+        versions = f"{finding.before or '-'} -> {finding.after or '-'}"
+        return f"{head} package {finding.name}:{finding.arch} {versions}"
+    fields = f" [{','.join(finding.fields)}]" if finding.fields else ""
+    why = f"rule {finding.rule!r} ({finding.kind}): {finding.reason}"
+    return f"{head} {display_path(finding.path)}{fields}  {why}"
+
+
+def _print_text(findings: list[Finding | PackageFinding], walk: Walk) -> None:
+    for finding in findings:
+        print(_line(finding))
     counts = _counts(findings)
     allowed = counts["findings"] - counts["drift"]
     verdict = "DRIFT" if counts["drift"] else "clean"

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from agent import record
 from agent.measure import Entry, full_path, hash_file, order_key, root_prefix
+from agent.packages import PackageSet, diff_packages
 from agent.policy import Decision, Policy
 from agent.walk import Same
 from agent.wire import encode_path
@@ -49,6 +50,42 @@ class Finding:
             "before": record.to_json(self.before) if self.before is not None else None,
             "after": record.to_json(self.after) if self.after is not None else None,
         }
+
+
+@dataclass(frozen=True)
+class PackageFinding:
+    """A package installed, removed or changed in version since the baseline."""
+
+    change: str  # "installed" | "removed" | "changed"
+    name: str
+    arch: str
+    before: str | None
+    after: str | None
+    drift: bool
+    severity: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "package",
+            "change": self.change,
+            "name": self.name,
+            "arch": self.arch,
+            "before": self.before,
+            "after": self.after,
+            "drift": self.drift,
+            "severity": self.severity,
+        }
+
+
+def compare_packages(before: PackageSet, after: PackageSet, policy: Policy) -> list[PackageFinding]:
+    """Package changes judged by the policy's ``package_change``: ``drift`` (drift, warning),
+    ``alert`` (reported as a warning, not drift) or ``allow`` (reported as info)."""
+    mode = policy.package_change
+    severity = "info" if mode == "allow" else "warning"
+    return [
+        PackageFinding(c.change, c.name, c.arch, c.before, c.after, mode == "drift", severity)
+        for c in diff_packages(before, after)
+    ]
 
 
 def changed_fields(before: Entry, after: Entry) -> tuple[str, ...]:

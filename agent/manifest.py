@@ -1,10 +1,11 @@
 """The manifest file: writing it as bake measures, reading and verifying it (``docs/manifest.md``).
 
 A manifest is a gzip stream of JSON lines: the signed statement (``wire.STATEMENT_KEYS``),
-the policy it was baked with, every entry record in manifest order (``record.py``), then the
-package section. The statement's ``root`` is the Merkle root over the entries' content,
-``hints_digest`` covers their fast-path hints and ``packages_digest`` the package section, so
-verifying the signature and recomputing those three verifies every byte that matters.
+the policy it was baked with, every entry record in manifest order (``record.py``), then one
+line of packages. The statement's ``root`` is the Merkle root over the entries' content,
+``hints_digest`` covers their fast-path hints and ``packages_digest`` the packages
+(``PackageSet.digest``), so verifying the signature and recomputing those three verifies every
+byte that matters.
 
 The writer streams: entries are compressed into a side file as they come, and the final file
 is the statement's gzip member followed by those bytes (gzip members concatenate).
@@ -18,7 +19,7 @@ import json
 import os
 import tomllib
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -28,8 +29,9 @@ from typing import IO, Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent import keys, record
-from agent.errors import ManifestError, PolicyError, UntrustedError, advice
+from agent.errors import ManifestError, PackageDbError, PolicyError, UntrustedError, advice
 from agent.measure import HASH_ALG, Entry
+from agent.packages import PackageSet
 from agent.policy import Policy, parse_policy
 from agent.walk import Signature
 from agent.wire import (
@@ -54,13 +56,6 @@ def tool_version() -> str:
         return "driftwarden " + metadata.version("driftwarden")
     except metadata.PackageNotFoundError:
         return "driftwarden (source checkout)"
-
-
-@dataclass(frozen=True, slots=True)
-class Package:
-    name: str
-    version: str
-    arch: str
 
 
 # --- the Merkle tree -------------------------------------------------------------------------
@@ -108,13 +103,8 @@ class MerkleTree:
         return hashlib.sha256(b"\x02" + b"".join(self._tops)).hexdigest()
 
 
-def _package_section(manager: str, packages: Sequence[Package]) -> str:
-    lines = [json.dumps({"packages": manager, "count": len(packages)}, separators=(",", ":"))]
-    lines += [
-        json.dumps({"n": p.name, "v": p.version, "a": p.arch}, separators=(",", ":"))
-        for p in packages
-    ]
-    return "".join(line + "\n" for line in lines)
+def _package_line(packages: PackageSet) -> str:
+    return _line({"manager": packages.manager, "packages": packages.to_json()})
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -142,7 +132,7 @@ class ManifestWriter:
         self._merkle = MerkleTree()
         self._hints = hashlib.sha256()
         self._lines: list[str] = []
-        self._packages = _package_section("none", ())
+        self._packages = PackageSet("none", ())
         self._deflate = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, 31)
         self._side = out.with_name(f".{out.name}.entries.tmp")
         self._tmp = out.with_name(f".{out.name}.tmp")
@@ -176,8 +166,8 @@ class ManifestWriter:
         if len(self._lines) >= _FLUSH_LINES:
             self._flush()
 
-    def set_packages(self, manager: str, packages: Sequence[Package]) -> None:
-        self._packages = _package_section(manager, packages)
+    def set_packages(self, packages: PackageSet) -> None:
+        self._packages = packages
 
     def _flush(self) -> None:
         if self._lines:
@@ -194,7 +184,7 @@ class ManifestWriter:
     def finish(self) -> dict[str, Any]:
         """Write the statement and the file; return the statement."""
         self._flush()
-        packages = self._packages.encode("utf-8")
+        packages = _package_line(self._packages).encode("utf-8")
         self._write(self._fh, self._deflate.compress(packages) + self._deflate.flush())
         self._fh.close()
         statement: dict[str, Any] = {
@@ -208,7 +198,7 @@ class ManifestWriter:
             "root": self._merkle.root(),
             "entries": self.count,
             "hints_digest": self._hints.hexdigest(),
-            "packages_digest": hashlib.sha256(packages).hexdigest(),
+            "packages_digest": self._packages.digest(),
         }
         if self.signer is not None:
             statement["key_id"] = key_id(keys.public_raw(self.signer.public_key()))
@@ -249,13 +239,11 @@ class Baseline:
         statement: dict[str, Any],
         policy: Policy,
         lines: dict[str, str],
-        manager: str,
-        packages: tuple[Package, ...],
+        packages: PackageSet,
         subtrees: dict[str, str],
     ) -> None:
         self.statement = statement
         self.policy = policy
-        self.manager = manager
         self.packages = packages
         self._lines = lines
         self._subtrees = subtrees
@@ -400,8 +388,7 @@ def _read_body(lines: list[str], statement: dict[str, Any], policy: Policy, path
         hints.update(hint.encode())
         entries[entry_path] = line
         index += 1
-    section = "".join(line + "\n" for line in lines[index:end])
-    manager, packages = _parse_packages(lines[index:end], path)
+    packages = _parse_packages(lines[index:end], path)
     problems = []
     count = index - 2
     if count != statement["entries"]:
@@ -412,22 +399,20 @@ def _read_body(lines: list[str], statement: dict[str, Any], policy: Policy, path
         problems.append("the Merkle root does not match the entries")
     if hints.hexdigest() != statement.get("hints_digest"):
         problems.append("the fast-path hints do not match the statement")
-    if hashlib.sha256(section.encode("utf-8")).hexdigest() != statement.get("packages_digest"):
+    if packages.digest() != statement.get("packages_digest"):
         problems.append("the package section does not match the statement")
     if problems:
         raise UntrustedError("manifest was altered: " + "; ".join(problems), path=path)
-    return Baseline(statement, policy, entries, manager, packages, merkle.subtrees or {})
+    return Baseline(statement, policy, entries, packages, merkle.subtrees or {})
 
 
-def _parse_packages(lines: list[str], path: Path) -> tuple[str, tuple[Package, ...]]:
-    try:
-        head = json.loads(lines[0])
-        manager, count = head["packages"], head["count"]
-        packages = tuple(
-            Package(obj["n"], obj["v"], obj["a"]) for obj in map(json.loads, lines[1:])
+def _parse_packages(lines: list[str], path: Path) -> PackageSet:
+    if len(lines) != 1:
+        raise UntrustedError(
+            f"expected one package line after the entries, found {len(lines)}", path=path
         )
-    except (IndexError, ValueError, KeyError, TypeError) as exc:
+    try:
+        obj = json.loads(lines[0])
+        return PackageSet.from_json(obj["packages"], manager=obj["manager"])
+    except (ValueError, KeyError, TypeError, PackageDbError) as exc:
         raise ManifestError(f"bad package section: {exc}", path=path) from exc
-    if count != len(packages) or not isinstance(manager, str):
-        raise UntrustedError("package section is truncated", path=path)
-    return manager, packages

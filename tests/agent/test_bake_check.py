@@ -15,7 +15,7 @@ import pytest
 
 from agent.errors import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, EXIT_UNTRUSTED
 from agent.wire import decode_path
-from tests.agent.imagetree import AREAS, at, bake, build, make_key, write_policy
+from tests.agent.imagetree import AREAS, POLICY, at, bake, build, make_key, write_policy
 
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")  # vfs cap v2, +ep
 
@@ -494,3 +494,41 @@ def test_commands_have_help(
 ) -> None:
     proc = run(agent_cmd, subprocess_env, command, "--help")
     assert proc.returncode == 0 and "--root" in proc.stdout
+
+
+def _dpkg_status(root: Path, packages: dict[str, str]) -> None:
+    status = at(root, "/var/lib/dpkg/status")
+    status.parent.mkdir(parents=True, exist_ok=True)
+    status.write_text(
+        "".join(
+            f"Package: {name}\nStatus: install ok installed\nArchitecture: amd64\n"
+            f"Version: {version}\n\n"
+            for name, version in packages.items()
+        )
+    )
+
+
+@pytest.mark.parametrize(("mode", "status"), [("drift", EXIT_DRIFT), ("alert", EXIT_OK)])
+def test_package_changes_are_reported(
+    mode: str, status: int, tmp_path: Path, agent_cmd: list[str], subprocess_env: dict[str, str]
+) -> None:
+    root = build(tmp_path / "root")
+    _dpkg_status(root, {"bash": "5.2.15-2", "openssl": "3.0.11-1"})
+    text = POLICY.replace('name = "test-image"', f'package_change = "{mode}"')
+    text = text.replace('"/var/log/**"]', '"/var/log/**", "/var/lib/dpkg/**"]')  # files apart
+    manifest = tmp_path / "m.gz"
+    bake(root, write_policy(tmp_path, text), manifest)
+    base = ["check", "--root", str(root), "--baseline", str(manifest)]
+    assert run(agent_cmd, subprocess_env, *base).returncode == EXIT_OK
+    _dpkg_status(root, {"bash": "5.2.15-2", "openssl": "3.0.13-1", "netcat": "1.10-47"})
+    proc = run(agent_cmd, subprocess_env, *base, "--json")
+    assert proc.returncode == status, proc.stderr
+    report = json.loads(proc.stdout)
+    packages = [f for f in report["findings"] if f["type"] == "package"]
+    assert [(f["change"], f["name"], f["before"], f["after"]) for f in packages] == [
+        ("installed", "netcat", None, "1.10-47"),
+        ("changed", "openssl", "3.0.11-1", "3.0.13-1"),
+    ]
+    assert all(f["drift"] is (mode == "drift") and f["arch"] == "amd64" for f in packages)
+    text = run(agent_cmd, subprocess_env, *base).stdout
+    assert "package openssl:amd64 3.0.11-1 -> 3.0.13-1" in text

@@ -154,7 +154,13 @@ def _change_policy(lines: list[str]) -> None:
 
 
 def _add_package(lines: list[str]) -> None:
-    lines.insert(len(lines) - 1, '{"n":"evil","v":"1","a":"all"}')
+    section = json.loads(lines[-2])
+    section["packages"].append({"name": "evil", "version": "1", "arch": "all"})
+    lines[-2] = json.dumps(section)
+
+
+def _add_line(lines: list[str]) -> None:
+    lines.insert(len(lines) - 1, '{"injected": true}')
 
 
 @pytest.mark.parametrize(
@@ -163,7 +169,8 @@ def _add_package(lines: list[str]) -> None:
         (_swap_two_entries, "Merkle root"),
         (_duplicate_entry, "entries where the statement says"),
         (_change_policy, "embedded policy does not match"),
-        (_add_package, "package section"),
+        (_add_package, "package section does not match"),
+        (_add_line, "expected one package line"),
     ],
 )
 def test_altered_manifest_is_untrusted_even_without_a_key(
