@@ -74,7 +74,7 @@ class MerkleTree:
         self._tops: list[bytes] = []
         self.subtrees: dict[str, str] | None = {} if keep_subtrees else None
 
-    def add(self, path: str, content: bytes, *, is_dir: bool) -> None:
+    def add(self, path: str, content: bytes, is_dir: bool) -> None:
         stack = self._stack
         while stack and not path.startswith(stack[-1][1]):
             self._close()
@@ -159,7 +159,7 @@ class ManifestWriter:
     def add_line(self, path: str, line: str, *, is_dir: bool) -> None:
         """Add the record ``line`` of ``path`` (the next in manifest order)."""
         content, hints = record.split_line(line)
-        self._merkle.add(path, content.encode(), is_dir=is_dir)
+        self._merkle.add(path, content.encode(), is_dir)
         self._hints.update(hints.encode())
         self._lines.append(line)
         self.count += 1
@@ -272,9 +272,9 @@ class Baseline:
     def unchanged(self, path: str, signature: Signature) -> bool:
         """True when ``path`` was recorded in state ok with this signature (type, size, mtime,
         ctime, inode): the fast path, where its content is not read again."""
-        code, size, mtime_ns, ctime_ns, ino = signature
+        code, size, hints = signature
         line = self._lines.get(path)
-        if line is None or not line.endswith(record.hints_suffix(mtime_ns, ctime_ns, ino)):
+        if line is None or not line.endswith(hints):
             return False
         if f',"t":"{code}"' not in line or ',"st":' in line:
             return False
@@ -336,7 +336,8 @@ def load_baseline(path: Path, *, public_key: Verifier | None = None) -> Baseline
     except OSError as exc:
         raise ManifestError(f"cannot read manifest: {advice(exc)}", path=path) from exc
     try:
-        text = gzip.decompress(raw).decode("utf-8")
+        data = gzip.decompress(raw)
+        text = data.decode("utf-8")
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise ManifestError(
             f"not a readable manifest (gzip of JSON lines): {exc}", path=path
@@ -345,7 +346,7 @@ def load_baseline(path: Path, *, public_key: Verifier | None = None) -> Baseline
     if len(lines) < 3 or lines[-1] != "":
         raise ManifestError("manifest is truncated", path=path)
     head = _head(lines[0], lines[1], public_key, path)
-    return _read_body(lines, head.statement, head.policy, path)
+    return _read_body(lines, data.split(b"\n"), head.statement, head.policy, path)
 
 
 def _verify(statement: dict[str, Any], public_key: Verifier) -> None:
@@ -373,20 +374,35 @@ def _embedded_policy(line: str, statement: dict[str, Any], path: Path) -> Policy
     return policy
 
 
-def _read_body(lines: list[str], statement: dict[str, Any], policy: Policy, path: Path) -> Baseline:
+def _read_body(
+    lines: list[str], raw_lines: list[bytes], statement: dict[str, Any], policy: Policy, path: Path
+) -> Baseline:
+    """Index the entry records by path and recompute the statement's digests over them.
+
+    This runs on every check, so it reads each record's path, type and hints straight from
+    the line's bytes (``docs/manifest.md``: inside a JSON string every quote is escaped, so
+    ``","t":"`` and ``,"z":`` can only be the record's own keys) and decodes nothing else.
+    """
     merkle = MerkleTree(keep_subtrees=True)
-    hints = hashlib.sha256()
+    add = merkle.add
+    hints: list[bytes] = []
     entries: dict[str, str] = {}  # a reordered or repeated entry changes the root or count
     index = 2
     end = len(lines) - 1
-    while index < end and lines[index].startswith('{"p":'):
-        line = lines[index]
-        entry_path = record.line_path(line)
-        content, hint = record.split_line(line)
-        cut = content.find(',"t":"')
-        merkle.add(entry_path, content.encode(), is_dir=content[cut + 6 : cut + 7] == "d")
-        hints.update(hint.encode())
-        entries[entry_path] = line
+    while index < end and raw_lines[index].startswith(b'{"p":"'):
+        raw = raw_lines[index]
+        stop = raw.find(b'","t":"', 6)
+        cut = raw.rfind(b',"z":')
+        if stop < 0 or cut < stop:
+            raise ManifestError(f"malformed entry record on line {index + 1}", path=path)
+        name = raw[6:stop]
+        if b"\\" in name or name.startswith(b"b64:"):
+            entry_path = record.line_path(lines[index])
+        else:
+            entry_path = name.decode("utf-8")
+        add(entry_path, raw[:cut], raw[stop + 7] == 0x64)  # type "d"
+        hints.append(raw[cut:])
+        entries[entry_path] = lines[index]
         index += 1
     packages = _parse_packages(lines[index:end], path)
     problems = []
@@ -397,7 +413,7 @@ def _read_body(lines: list[str], statement: dict[str, Any], policy: Policy, path
         problems.append(f"{count - len(entries)} paths are repeated")
     if merkle.root() != statement["root"]:
         problems.append("the Merkle root does not match the entries")
-    if hints.hexdigest() != statement.get("hints_digest"):
+    if hashlib.sha256(b"".join(hints)).hexdigest() != statement.get("hints_digest"):
         problems.append("the fast-path hints do not match the statement")
     if packages.digest() != statement.get("packages_digest"):
         problems.append("the package section does not match the statement")

@@ -24,10 +24,10 @@ import os
 import stat
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 from agent import record
 from agent.measure import (
@@ -42,8 +42,9 @@ from agent.measure import (
 from agent.mounts import MountTable
 from agent.policy import Policy
 
-Signature = tuple[str, int, int, int, int]
-"""(type code, size, mtime_ns, ctime_ns, inode) of a path, as ``lstat`` shows it now."""
+Signature = tuple[str, int, str]
+"""(type code, size, ``record.hints_suffix(mtime_ns, ctime_ns, inode)``) of a path as
+``lstat`` shows it now: what its record must hold for the path to be unchanged."""
 
 _TOP_BUDGET: Final = 256  # the first task returns soon, so every worker has work at once
 _BUDGET: Final = 4096  # units per task: one per path, one per 64 KiB hashed
@@ -67,8 +68,7 @@ _FMT_CODES: Final = {
 Item = tuple[Any, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Same:
+class Same(NamedTuple):
     """A path the walk saw unchanged against its reference."""
 
     path: str
@@ -195,9 +195,8 @@ class _Scanner:
         is_dir = stat.S_ISDIR(mode)
         if not measure:
             code = _FMT_CODES.get(stat.S_IFMT(mode), "?")
-            out.append(
-                ("S", path, (code, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino), is_dir)
-            )
+            hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            out.append(("S", path, (code, st.st_size, hints), is_dir))
             return 1
         link = (st.st_dev, st.st_ino) if st.st_nlink > 1 and not is_dir else None
         entry = self._linked(path, full, st, link) if link else None
@@ -352,8 +351,8 @@ class Walk:
     def _result(self, future: Future[tuple[list[Item], list[tuple[str, str]]]]) -> list[Item]:
         """Wait for ``future``, handing out newly found tasks while waiting; its items."""
         while not future.done():
-            pending = {future, *self._futures.values()}
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            running = {f for f in self._futures.values() if not f.done()}
+            done, _ = wait({future, *running}, return_when=FIRST_COMPLETED)
             for other in done:
                 self._hear(other)
         self._hear(future)
