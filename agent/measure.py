@@ -1,4 +1,4 @@
-"""Measuring files: one path (``measure_path``) or a whole tree in manifest order (``walk``).
+"""Measuring one path: ``Entry`` and ``measure_path`` (the tree walk is ``agent.walk``).
 
 A path is a ``str`` as seen inside the image (``/etc/passwd``), decoded from the file
 system's bytes with ``surrogateescape``; ``root`` is where the image is mounted. Nothing is
@@ -7,10 +7,11 @@ ever followed: symlinks are read with ``readlink``, and only regular files are o
 after reading, and a file that is not the one ``lstat`` saw, or that changed while it was
 read, is measured again, and after a few attempts recorded as ``unstable``.
 
-Entry states: ``ok``; ``unreadable`` (open, read or xattrs failed: metadata recorded, no
-digest); ``too_large`` (over the policy's ``max_file_size_bytes``: metadata recorded, no
-digest); ``unstable`` (kept changing while read: metadata of the last look, no digest). A path
-that vanishes while it is measured yields no entry at all.
+Entry states: ``ok``; ``unreadable`` (open, read or xattrs failed, or a directory that
+cannot be listed: metadata recorded, no digest, no contents); ``too_large`` (over the
+policy's ``max_file_size_bytes``: metadata recorded, no digest); ``unstable`` (kept changing
+while read: metadata of the last look, no digest). A path that vanishes while it is measured
+yields no entry at all.
 """
 
 from __future__ import annotations
@@ -128,7 +129,19 @@ def measure_stat(
     inside the image); None if it vanished meanwhile."""
     if stat.S_ISREG(st.st_mode) and hash_content and wants_content(policy, path):
         return _hashed_entry(full, path, st, policy.max_file_size_bytes)
+    if stat.S_ISDIR(st.st_mode) and not _listable(full):
+        return stat_entry(full, path, st, None, "unreadable")  # its contents cannot be seen
     return stat_entry(full, path, st, None, "ok")
+
+
+def _listable(directory: str) -> bool:
+    try:
+        os.close(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+    except PermissionError:
+        return False
+    except OSError:
+        return True  # vanished or replaced: the caller's next look tells
+    return True
 
 
 def _hashed_entry(full: str, path: str, st: os.stat_result, cap: int) -> Entry | None:

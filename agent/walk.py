@@ -1,6 +1,6 @@
 """The tree walk: every path under a policy's roots, in manifest order, measured in parallel.
 
-Worker processes (forked, so they share the policy and the mount table) each take a
+Worker processes (forked where this process has a single thread) each take a
 *task* — the contents of one directory, walked depth first until a budget of work is spent,
 with the subdirectories left over handed back as further tasks — and return the results as
 record lines. The calling process puts the pieces back together in manifest order, so entries
@@ -22,6 +22,7 @@ import heapq
 import multiprocessing
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
@@ -317,9 +318,11 @@ class Walk:
                 continue
         task = ("top", tops, not self.fast)
         if self.workers > 1:
+            # fork is fast, but only safe while this process has no other thread
+            method = "fork" if threading.active_count() == 1 else "forkserver"
             self._pool = ProcessPoolExecutor(
                 self.workers,
-                mp_context=multiprocessing.get_context("fork"),
+                mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
                 initargs=(self._scanner,),
             )

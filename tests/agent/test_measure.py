@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -130,14 +131,15 @@ def test_unreadable_file_gets_a_state_not_a_skip() -> None:
 def _measure_shadow_as_nobody(root: Path) -> None:
     secret = at(root, "/etc/shadow")
     secret.chmod(0o600)
+    at(root, "/root").mkdir(mode=0o700)
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child drops to nobody, measures, reports through the pipe, and exits
         try:
             os.setresgid(65534, 65534, 65534)
             os.setresuid(65534, 65534, 65534)
-            entry = measure_path(root, "/etc/shadow", policy())
-            report = json.dumps(None if entry is None else [entry.state, entry.digest, entry.size])
+            entries = [measure_path(root, p, policy()) for p in ("/etc/shadow", "/root")]
+            report = json.dumps([[e.state, e.digest, e.size] for e in entries if e is not None])
             os.write(write_end, report.encode())
         finally:
             os._exit(0)
@@ -145,7 +147,10 @@ def _measure_shadow_as_nobody(root: Path) -> None:
     with os.fdopen(read_end, "rb") as fh:
         report = fh.read()
     assert os.waitpid(pid, 0)[1] == 0
-    assert json.loads(report) == ["unreadable", None, secret.stat().st_size]
+    assert json.loads(report) == [
+        ["unreadable", None, secret.stat().st_size],
+        ["unreadable", None, 0],
+    ]
 
 
 # --- files that change while they are read ---------------------------------------------------
@@ -323,3 +328,17 @@ def test_mount_table_parses_escaped_mount_points() -> None:
     assert table.fstype("/mnt/with space") == "tmpfs"
     assert table.fstype("/proc") == "proc"
     assert table.fstype("/srv/data") == "ext4"  # the mount above it
+
+
+def test_walk_from_a_threaded_process_gives_the_same_records(root: Path) -> None:
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, name="busy-elsewhere")
+    other.start()  # a daemon with threads must not fork them: workers come from a forkserver
+    try:
+        with Walk(root, policy(), workers=2) as walk:
+            threaded = list(walk.records())
+    finally:
+        stop.set()
+        other.join()
+    with Walk(root, policy(), workers=1) as walk:
+        assert threaded == list(walk.records())
