@@ -9,10 +9,12 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import keys
 from agent.compare import Finding, PackageFinding, compare_packages, compare_tree
@@ -89,46 +91,98 @@ def bake_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def check_command(args: argparse.Namespace) -> int:
-    root = _root_dir(args.root)
-    public_key = keys.load_public(args.pubkey) if args.pubkey else None
-    head = read_head(args.baseline, public_key=public_key)
+@dataclass(frozen=True)
+class CheckResult:
+    """One measurement of a root against its baseline, as ``check`` and the boot check need."""
+
+    baseline: Baseline
+    policy: Policy
+    findings: list[Finding | PackageFinding]
+    paths: int
+    measured: int
+    skipped: tuple[str, ...]
+    seconds: float
+    verified: bool
+
+    @property
+    def drift(self) -> bool:
+        return any(f.drift for f in self.findings)
+
+
+def run_check(
+    root: Path,
+    baseline_path: Path,
+    *,
+    public_key: Ed25519PublicKey | None,
+    policy_path: Path | None = None,
+    full: bool = False,
+    first_boot: bool = False,
+    workers: int = 0,
+    own_files: Iterable[Path] = (),
+) -> CheckResult:
+    """Verify the baseline (``public_key`` makes a bad or missing signature ``UntrustedError``)
+    and measure ``root`` against it, files and packages. ``own_files`` (the manifest, the
+    agent's state) are not measured when they lie inside the root."""
+    root = _root_dir(root)
+    head = read_head(baseline_path, public_key=public_key)
     if public_key is None:
-        log.warning("baseline_unverified", baseline=str(args.baseline), hint="pass --pubkey")
-    policy = load_policy(args.policy) if args.policy else head.policy
+        log.warning("baseline_unverified", baseline=str(baseline_path), hint="pass --pubkey")
+    policy = load_policy(policy_path) if policy_path else head.policy
     started = time.monotonic()
-    ignore = _inside(root, args.baseline)
-    with Walk(root, policy, workers=args.workers, fast=not args.full, ignore=ignore) as walk:
+    ignore = _inside(root, baseline_path, *own_files)
+    with Walk(root, policy, workers=workers, fast=not full, ignore=ignore) as walk:
         walk.start()  # the workers walk while this process reads and verifies the baseline
-        baseline = load_baseline(args.baseline, public_key=public_key)
+        baseline = load_baseline(baseline_path, public_key=public_key)
         current_packages = read_packages(root)
         findings: list[Finding | PackageFinding] = list(
             compare_tree(
                 baseline,
                 walk.compared(baseline),
                 policy,
-                first_boot=args.first_boot,
+                first_boot=first_boot,
                 root=root,
                 skipped=walk.skipped,
             )
         )
     findings += compare_packages(baseline.packages, current_packages, policy)
-    drift = any(f.drift for f in findings)
-    log.info(
-        "check_finished",
+    result = CheckResult(
+        baseline=baseline,
+        policy=policy,
+        findings=findings,
         paths=walk.count,
         measured=walk.measured,
-        findings=len(findings),
-        drift=drift,
+        skipped=tuple(walk.skipped),
         seconds=time.monotonic() - started,
+        verified=public_key is not None,
+    )
+    log.info(
+        "check_finished",
+        paths=result.paths,
+        measured=result.measured,
+        findings=len(findings),
+        drift=result.drift,
+        seconds=result.seconds,
+    )
+    return result
+
+
+def check_command(args: argparse.Namespace) -> int:
+    public_key = keys.load_public(args.pubkey) if args.pubkey else None
+    result = run_check(
+        args.root,
+        args.baseline,
+        public_key=public_key,
+        policy_path=args.policy,
+        full=args.full,
+        first_boot=args.first_boot,
+        workers=args.workers,
     )
     if args.json:
-        report = _report(args, baseline, policy, walk, findings, verified=public_key is not None)
-        json.dump(report, sys.stdout, ensure_ascii=False, separators=(",", ":"))
+        json.dump(_report(args, result), sys.stdout, ensure_ascii=False, separators=(",", ":"))
         sys.stdout.write("\n")
     else:
-        _print_text(findings, walk)
-    return EXIT_DRIFT if drift else EXIT_OK
+        _print_text(result)
+    return EXIT_DRIFT if result.drift else EXIT_OK
 
 
 def _counts(findings: Iterable[Finding | PackageFinding]) -> dict[str, int]:
@@ -140,16 +194,9 @@ def _counts(findings: Iterable[Finding | PackageFinding]) -> dict[str, int]:
     return out
 
 
-def _report(
-    args: argparse.Namespace,
-    baseline: Baseline,
-    policy: Policy,
-    walk: Walk,
-    findings: list[Finding | PackageFinding],
-    *,
-    verified: bool,
-) -> dict[str, Any]:
-    statement = baseline.statement
+def _report(args: argparse.Namespace, result: CheckResult) -> dict[str, Any]:
+    statement = result.baseline.statement
+    findings = result.findings
     return {
         "format": CHECK_FORMAT,
         "v": CHECK_VERSION,
@@ -159,15 +206,15 @@ def _report(
             "created": statement["created"],
             "entries": statement["entries"],
             "key_id": statement.get("key_id"),
-            "verified": verified,
+            "verified": result.verified,
         },
-        "policy": {"name": policy.name, "digest": policy.digest},
+        "policy": {"name": result.policy.name, "digest": result.policy.digest},
         "full": bool(args.full),
         "first_boot": bool(args.first_boot),
-        "paths": walk.count,
-        "measured": walk.measured,
+        "paths": result.paths,
+        "measured": result.measured,
         "summary": _counts(findings),
-        "drift": any(f.drift for f in findings),
+        "drift": result.drift,
         "findings": [f.to_wire() for f in findings],
     }
 
@@ -183,7 +230,8 @@ def _line(finding: Finding | PackageFinding) -> str:
     return f"{head} {display_path(finding.path)}{fields}  {why}"
 
 
-def _print_text(findings: list[Finding | PackageFinding], walk: Walk) -> None:
+def _print_text(result: CheckResult) -> None:
+    findings = result.findings
     for finding in findings:
         print(_line(finding))
     counts = _counts(findings)
@@ -191,5 +239,5 @@ def _print_text(findings: list[Finding | PackageFinding], walk: Walk) -> None:
     verdict = "DRIFT" if counts["drift"] else "clean"
     print(
         f"{verdict}: {counts['drift']} drifted, {allowed} allowed changes; "
-        f"{walk.count} paths, {walk.measured} measured again"
+        f"{result.paths} paths, {result.measured} measured again"
     )

@@ -2,29 +2,25 @@
 
 A small adapter over the baseline engine (``agent.manifest``, ``agent.measure``,
 ``agent.compare``): it loads the manifest (the configured pipeline key makes a missing or bad
-signature ``UntrustedError``), walks the root (re-hashing only what changed by its metadata),
-and shapes the ``boot`` envelope's body (``docs/protocol.md``). The agent's own files (the
-manifest, the state directory) are not measured when they lie inside the root.
+signature ``UntrustedError``), measures the root with ``agent.baseline.run_check`` (files and
+packages, re-hashing only what changed by its metadata), and shapes the ``boot`` envelope's
+body (``docs/protocol.md``). The agent's own files (the manifest, the state directory) are not
+measured when they lie inside the root.
 ``measured_root`` stays empty: the walk does not build a Merkle tree of the running machine.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent import keys, wire
-from agent.compare import compare_tree
+from agent.baseline import run_check
 from agent.config import AgentSection
 from agent.identity import Identity
-from agent.manifest import load_baseline
-from agent.measure import Walk
-from agent.policy import Policy, load_policy
+from agent.policy import Policy
 
 log = structlog.get_logger(__name__)
 
@@ -77,30 +73,25 @@ def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootC
         public_key = keys.load_public(section.pipeline_public_key)
     else:
         log.warning("baseline_signature_not_checked", advice="set [agent] pipeline_public_key")
-    baseline = load_baseline(section.baseline, public_key=public_key)
-    policy = load_policy(section.policy) if section.policy else baseline.policy
-    started = time.monotonic()
-    walk = Walk(
+    result = run_check(
         section.root,
-        policy,
-        unchanged=baseline.unchanged,
-        ignore=_inside(section.root, section.baseline, section.state_dir),
+        section.baseline,
+        public_key=public_key,
+        policy_path=section.policy,
+        first_boot=first_boot,
+        own_files=(section.state_dir,),
     )
-    findings = [
-        f.to_wire()
-        for f in compare_tree(
-            baseline, walk, policy, first_boot=first_boot, root=section.root, skipped=walk.skipped
-        )
-    ]
-    statement = baseline.statement
-    clean = not any(f["drift"] for f in findings)
+    findings = [f.to_wire() for f in result.findings]
+    policy = result.policy
+    statement = result.baseline.statement
+    clean = not result.drift
     stats = {
-        "paths": walk.count,
-        "measured": walk.measured,
+        "paths": result.paths,
+        "measured": result.measured,
         "findings": len(findings),
         "drift": sum(1 for f in findings if f["drift"]),
-        "skipped_mounts": len(walk.skipped),
-        "seconds": round(time.monotonic() - started, 3),
+        "skipped_mounts": len(result.skipped),
+        "seconds": round(result.seconds, 3),
         "policy": policy.name,
     }
     body = {
@@ -119,14 +110,3 @@ def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootC
     }
     log.info("boot_check_finished", clean=clean, **stats)
     return BootCheck(image, body, clean=clean, policy=policy)
-
-
-def _inside(root: Path, *paths: Path) -> frozenset[str]:
-    """The image paths of the agent's own files that lie inside ``root`` (not measured)."""
-    base = os.path.realpath(root)
-    out = set()
-    for path in paths:
-        rel = os.path.relpath(os.path.realpath(path), base)
-        if not rel.startswith(".."):
-            out.add("/" + rel)
-    return frozenset(out)
