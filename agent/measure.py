@@ -117,17 +117,12 @@ def measure_path(
     return measure_stat(full, path, st, policy, hash_content=hash_content)
 
 
-def wants_content(policy: Policy, path: str) -> bool:
-    decision = policy.decide(path)
-    return "content" in decision.attributes or decision.kind == "growth_only"
-
-
 def measure_stat(
     full: str, path: str, st: os.stat_result, policy: Policy, *, hash_content: bool
 ) -> Entry | None:
     """Measure the path that ``lstat`` showed as ``st`` (``full`` on this machine, ``path``
     inside the image); None if it vanished meanwhile."""
-    if stat.S_ISREG(st.st_mode) and hash_content and wants_content(policy, path):
+    if stat.S_ISREG(st.st_mode) and hash_content and policy.wants_content(path):
         return _hashed_entry(full, path, st, policy.max_file_size_bytes)
     if stat.S_ISDIR(st.st_mode) and not _listable(full):
         return stat_entry(full, path, st, None, "unreadable")  # its contents cannot be seen

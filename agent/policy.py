@@ -150,8 +150,8 @@ class Policy:
                 f"excluded by {pattern!r}: not measured",
                 excluded=True,
             )
-        match = self._rule_re.fullmatch(path) if self._rule_re is not None else None
-        if match is None or match.lastgroup is None:
+        matched = self.match(path)
+        if matched is None:
             return Decision(
                 path,
                 "immutable",
@@ -161,13 +161,29 @@ class Policy:
                 None,
                 "no rule matches: immutable by default (default-deny)",
             )
-        rule_index, pattern_index = (int(x) for x in match.lastgroup[1:].split("_"))
-        rule = self.rules[rule_index]
-        pattern = rule.patterns[pattern_index]
+        rule, pattern = matched
         why = f"rule {rule.name!r} ({rule.kind}) matches {pattern!r}"
         if rule.reason:
             why += f": {rule.reason}"
         return Decision(path, rule.kind, rule.attributes, rule.severity, rule.name, pattern, why)
+
+    def match(self, path: str) -> tuple[Rule, str] | None:
+        """The first rule matching ``path`` and the pattern that matched (exclusion aside)."""
+        found = self._rule_re.fullmatch(path) if self._rule_re is not None else None
+        if found is None or found.lastgroup is None:
+            return None
+        rule_index, pattern_index = (int(x) for x in found.lastgroup[1:].split("_"))
+        rule = self.rules[rule_index]
+        return rule, rule.patterns[pattern_index]
+
+    def wants_content(self, path: str) -> bool:
+        """Whether a file's content digest matters at ``path`` (the walk's hot path: no
+        Decision is built)."""
+        matched = self.match(path)
+        if matched is None:
+            return True
+        rule = matched[0]
+        return "content" in rule.attributes or rule.kind == "growth_only"
 
     def explain(self, path: str) -> str:
         """A human explanation: the deciding rule, plus later rules it shadows."""

@@ -38,7 +38,6 @@ from agent.measure import (
     order_key,
     root_prefix,
     stat_entry,
-    wants_content,
 )
 from agent.mounts import MountTable
 from agent.policy import Policy
@@ -226,7 +225,7 @@ class _Scanner:
             )
         ):
             return None
-        digest = first.digest if wants_content(self.policy, path) else None
+        digest = first.digest if self.policy.wants_content(path) else None
         return stat_entry(full, path, st, digest, "ok")
 
     def _measure_path(self, path: str, out: list[Item]) -> None:
