@@ -10,9 +10,10 @@ no backend at all).
 The full re-hash reads every file the baseline hashed, a few at a time, so a change that kept
 size and times (``touch -r``) is still found. Reads are paced to spread one round over the
 period and never exceed ``io_budget_mb_s``; the thread runs at the lowest CPU priority
-(nice 19) and in the idle I/O class, and reads do not pollute the page cache: a chunk that
-was cached already is read from the cache (``RWF_NOWAIT``) and left there; one read from disk
-is dropped after hashing (``POSIX_FADV_DONTNEED``).
+(nice 19) and in the idle I/O class, and reads do not pollute the page cache: the pages of a
+chunk that were not cached before it was read (``mincore``) are dropped after hashing
+(``POSIX_FADV_DONTNEED``), and readahead is off (``POSIX_FADV_RANDOM``); what others had
+cached stays.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import mmap
 import os
 import platform
 import stat
@@ -39,6 +41,7 @@ from agent.wire import display_path, utc_now
 from agent.worker import Emit, Worker, integrity_finding
 
 MB: Final = 1_000_000
+PAGE_BYTES: Final = mmap.PAGESIZE
 IOPRIO_WHO_PROCESS: Final = 1
 IOPRIO_CLASS_IDLE: Final = 3
 IOPRIO_CLASS_SHIFT: Final = 13
@@ -76,8 +79,8 @@ class RescanConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} = {value!r} is not a number > 0")
-        if self.chunk_bytes < 4096:
-            raise ValueError(f"chunk_bytes = {self.chunk_bytes!r} is below 4096")
+        if self.chunk_bytes < PAGE_BYTES or self.chunk_bytes % PAGE_BYTES:
+            raise ValueError(f"chunk_bytes = {self.chunk_bytes!r} is not a multiple of a page")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,21 @@ class RescanHealth:
     degraded: str | None
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+
 # --- priority --------------------------------------------------------------------------------
 
 
@@ -96,18 +114,15 @@ def lower_priority(nice: int) -> None:
     """Lowest CPU priority and the idle I/O class for the calling thread (Linux keeps both
     per thread; threads it starts inherit them)."""
     tid = threading.get_native_id()
+    number = _IOPRIO_SET.get(platform.machine())
+    if number is None:
+        log.warning("io_priority_unchanged", reason=f"no ioprio_set for {platform.machine()}")
+    elif _libc.syscall(number, IOPRIO_WHO_PROCESS, tid, IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT):
+        log.warning("io_priority_unchanged", error=os.strerror(ctypes.get_errno()))
     try:
         os.setpriority(os.PRIO_PROCESS, tid, nice)
     except OSError as exc:
         log.warning("cpu_priority_unchanged", error=advice(exc))
-    number = _IOPRIO_SET.get(platform.machine())
-    if number is None:
-        log.warning("io_priority_unchanged", reason=f"no ioprio_set for {platform.machine()}")
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    value = IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT
-    if libc.syscall(number, IOPRIO_WHO_PROCESS, tid, value) != 0:
-        log.warning("io_priority_unchanged", error=os.strerror(ctypes.get_errno()))
 
 
 # --- the I/O budget --------------------------------------------------------------------------
@@ -126,17 +141,22 @@ class IoBudget:
         self._last = time.monotonic()
 
     def acquire(self, count: int, interrupt: threading.Event) -> bool:
-        """Wait until ``count`` bytes may be read; False when ``interrupt`` was set first."""
-        now = time.monotonic()
-        self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        self._tokens -= count
-        if self._tokens < 0 and interrupt.wait(-self._tokens / self.rate):
-            self._tokens += count  # not read after all
-            return False
-        self.total += count
-        self.history.append((time.monotonic(), count))
-        return True
+        """Wait until ``count`` bytes (at most ``burst``) may be read; False when
+        ``interrupt`` was set first. The bytes are taken at the moment they may be read, so
+        in no interval of ``w`` seconds are more than ``burst + rate * w`` bytes read."""
+        if count > self.burst:
+            raise ValueError(f"{count} bytes at once is more than the burst of {self.burst}")
+        while True:
+            now = time.monotonic()
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens >= count:
+                self._tokens -= count
+                self.total += count
+                self.history.append((now, count))
+                return True
+            if interrupt.wait((count - self._tokens) / self.rate):
+                return False
 
 
 def hash_budgeted(
@@ -152,6 +172,8 @@ def hash_budgeted(
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             return None
+        # No readahead: pages read ahead would look cached to the next read and stay.
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         hasher = hashlib.sha256()
         view = memoryview(bytearray(chunk_bytes))
         offset, size = 0, before.st_size
@@ -175,21 +197,42 @@ def hash_budgeted(
     return (hasher.hexdigest(), before) if same and offset == before.st_size else None
 
 
-def _read_uncached(fd: int, view: memoryview, offset: int) -> int:
-    """Read into ``view`` at ``offset``: from the page cache where the data is cached (and
-    leave it there), else from disk, dropping those pages again."""
-    cached = 0
+def resident(fd: int, offset: int, length: int) -> list[bool]:
+    """Which pages of ``length`` bytes at ``offset`` (page-aligned) are in the page cache,
+    asked with ``mincore`` (which, unlike a read, starts no I/O)."""
+    pages = (length + PAGE_BYTES - 1) // PAGE_BYTES
+    if not pages:
+        return []
+    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+    if addr in (None, _MAP_FAILED):
+        return [False] * pages
     try:
-        cached = os.preadv(fd, [view], offset, os.RWF_NOWAIT)
-    except OSError as exc:
-        if exc.errno not in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    if cached == len(view):
-        return cached
-    got = os.preadv(fd, [view[cached:]], offset + cached)
-    if got:
-        os.posix_fadvise(fd, offset + cached, got, os.POSIX_FADV_DONTNEED)
-    return cached + got
+        vec = ctypes.create_string_buffer(pages)
+        if _libc.mincore(addr, length, vec) != 0:
+            return [False] * pages
+        return [bool(b & 1) for b in vec.raw[:pages]]
+    finally:
+        _libc.munmap(addr, length)
+
+
+def _read_uncached(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` at ``offset``, then drop from the page cache the pages that were
+    not cached before (what others had cached stays)."""
+    before = resident(fd, offset, len(view))
+    got = os.preadv(fd, [view], offset)
+    start = None
+    for index, cached in enumerate([*before, True]):
+        if not cached and start is None:
+            start = index
+        elif cached and start is not None:
+            os.posix_fadvise(
+                fd,
+                offset + start * PAGE_BYTES,
+                (index - start) * PAGE_BYTES,
+                os.POSIX_FADV_DONTNEED,
+            )
+            start = None
+    return got
 
 
 # --- the rolling re-hash ---------------------------------------------------------------------

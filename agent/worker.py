@@ -95,6 +95,12 @@ class Worker:
         return ended
 
     @property
+    def native_id(self) -> int | None:
+        """The kernel's id of the thread (for priorities, ``/proc/self/task/ID``)."""
+        thread = self._thread
+        return thread.native_id if thread is not None else None
+
+    @property
     def running(self) -> bool:
         thread = self._thread
         return thread is not None and thread.is_alive()
