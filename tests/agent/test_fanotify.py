@@ -9,16 +9,14 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from agent import fanotify
 from agent.fanotify import describe_process, parse_events
-from agent.guard import Guard, GuardConfig
-from agent.rescan import RescanConfig, Rescanner
-from tests.agent.imagetree import Recorder, image, wait_until
-from tests.agent.test_guard import Guarded, guarding, sysctl
+from tests.agent.test_guard import Guarded, guarding, overflowed
 
 pytestmark = pytest.mark.root
 
@@ -52,18 +50,24 @@ def test_available_here_or_says_why() -> None:
         assert not usable and "CAP_SYS_ADMIN" in why
 
 
+@contextmanager
+def wrote(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
+    """Run ``argv``, whose last process writes and then waits; yield once it has written."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "written\n"
+        yield proc
+    finally:
+        proc.stdin.close()
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_names_the_child_process_that_wrote(guarded: Guarded) -> None:
     target = guarded.root / "etc/planted.conf"
-    child = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(target), "--marker=fanotify-test"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert child.stdout is not None and child.stdout.readline() == "written\n"
-        f = guarded.found.file("/etc/planted.conf", "added")
-        process = f["process"]
+    with wrote([sys.executable, "-c", WRITER, str(target), "--marker=fanotify-test"]) as child:
+        process = guarded.found.file("/etc/planted.conf", "added")["process"]
         assert process["pid"] == child.pid
         assert process["exited"] is False
         assert process["exe"] == os.path.realpath(sys.executable)
@@ -71,12 +75,6 @@ def test_names_the_child_process_that_wrote(guarded: Guarded) -> None:
         assert process["uid"] == os.getuid()
         assert process["loginuid"] == _loginuid(child.pid)
         assert process["ssh_session"] is None
-    finally:
-        assert child.stdin is not None
-        child.stdin.close()
-        child.wait()
-        assert child.stdout is not None
-        child.stdout.close()
 
 
 def test_names_the_ssh_session_a_process_descends_from(guarded: Guarded) -> None:
@@ -84,23 +82,10 @@ def test_names_the_ssh_session_a_process_descends_from(guarded: Guarded) -> None
     target = guarded.root / "usr/bin/implant"
     script = shlex.join([sys.executable, "-c", WRITER, str(target)]) + "; true"
     title = shlex.quote("sshd-session: alice@pts/7")
-    session = subprocess.Popen(
-        ["bash", "-c", f"exec -a {title} bash -c {shlex.quote(script)}"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert session.stdout is not None and session.stdout.readline() == "written\n"
-        f = guarded.found.file("/usr/bin/implant", "added")
-        assert f["process"]["pid"] != session.pid
-        assert f["process"]["ssh_session"] == {"pid": session.pid, "user": "alice", "tty": "pts/7"}
-    finally:
-        assert session.stdin is not None
-        session.stdin.close()
-        session.wait()
-        assert session.stdout is not None
-        session.stdout.close()
+    with wrote(["bash", "-c", f"exec -a {title} bash -c {shlex.quote(script)}"]) as session:
+        process = guarded.found.file("/usr/bin/implant", "added")["process"]
+        assert process["pid"] != session.pid
+        assert process["ssh_session"] == {"pid": session.pid, "user": "alice", "tty": "pts/7"}
 
 
 def test_process_that_is_gone_is_said_to_have_exited() -> None:
@@ -113,29 +98,9 @@ def test_forced_overflow_is_reported_and_answered_by_a_rescan(tmp_path: Path) ->
     usable, why = fanotify.available()
     if not usable:
         pytest.skip(why)
-    img = image(tmp_path)
-    found = Recorder()
-    judge = img.judge()
-    rescanner = Rescanner(judge, found, config=RescanConfig(metadata_interval_s=3600))
-    guard = Guard(judge, found, rescanner, config=GuardConfig(backend="fanotify"))
-    rescanner.start()
-    with sysctl("/proc/sys/fs/fanotify/max_queued_events", "8"):
-        guard.start()
-    try:
-        burst = img.root / "var/log/app"
-        for attempt in range(20):
-            subprocess.run(
-                ["sh", "-c", f"cd {burst} && for i in $(seq 1 500); do : > f{attempt}_$i; done"],
-                check=True,
-            )
-            if guard.health().overflows:
-                break
+    with overflowed(tmp_path, "fanotify") as (_img, found, _guard, _rescanner):
         _s, integrity = found.wait_for(lambda s, f: f.get("reason") == "fanotify_overflow")
         assert integrity["severity"] == "warning"
-        wait_until(lambda: rescanner.passes >= 1, what="the metadata pass after the overflow")
-    finally:
-        guard.stop()
-        rescanner.stop()
 
 
 def test_parse_events_stops_at_a_truncated_event() -> None:

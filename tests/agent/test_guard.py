@@ -231,49 +231,54 @@ def sysctl(path: str, value: str) -> Iterator[None]:
         proc.write_text(old)
 
 
-@pytest.mark.root
-def test_forced_overflow_is_reported_and_answered_by_a_rescan(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("lowering fs.inotify.max_queued_events needs root")
+@contextmanager
+def overflowed(
+    tmp_path: Path, backend: str, *, also: str = ""
+) -> Iterator[tuple[Image, Recorder, Guard, Rescanner]]:
+    """A guard whose kernel event queue holds 8 events, flooded until it overflows, then
+    the metadata pass that must follow. ``also``: a shell command run inside the burst."""
     img = image(tmp_path)
     found = Recorder()
     judge = img.judge()
     rescanner = Rescanner(judge, found, config=QUIET)
-    guard = Guard(judge, found, rescanner, config=GuardConfig(backend="inotify"))
+    guard = Guard(judge, found, rescanner, config=GuardConfig(backend=backend))
     rescanner.start()
-    # The queue length is fixed when the inotify instance is made: make ours tiny, then put the
+    # The queue length is fixed when the instance is made: make ours tiny, then put the
     # tunable back at once, so nothing else on the machine is affected.
-    with sysctl("/proc/sys/fs/inotify/max_queued_events", "8"):
+    with sysctl(f"/proc/sys/fs/{backend}/max_queued_events", "8"):
         guard.start()
     burst = img.root / "var/log/app"
     try:
         for attempt in range(20):
-            subprocess.run(
-                [
-                    "sh",
-                    "-c",
-                    f"cd {burst} && for i in $(seq 1 500); do : > f{attempt}_$i; done"
-                    f" && chmod 600 {img.root}/usr/share/doc/readme"
-                    f" && for i in $(seq 1 500); do rm f{attempt}_$i; done",
-                ],
-                check=True,
-            )
+            create = f"for i in $(seq 1 500); do : > f{attempt}_$i; done"
+            remove = f"for i in $(seq 1 500); do rm f{attempt}_$i; done"
+            command = f"cd {burst} && {create} && {also or 'true'} && {remove}"
+            subprocess.run(["sh", "-c", command], check=True)
             if guard.health().overflows:
                 break
         assert guard.health().overflows >= 1
-        _s, integrity = found.wait_for(lambda s, f: f.get("reason") == "inotify_overflow")
-        assert integrity["type"] == "integrity" and "integrity unknown" in integrity["detail"]
         wait_until(lambda: rescanner.passes >= 1, what="the metadata pass after the overflow")
         assert guard.health().last_rescan is not None
+        yield img, found, guard, rescanner
+    finally:
+        guard.stop()
+        rescanner.stop()
+
+
+@pytest.mark.root
+def test_forced_overflow_is_reported_and_answered_by_a_rescan(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("lowering fs.inotify.max_queued_events needs root")
+    readme = tmp_path / "root/usr/share/doc/readme"
+    with overflowed(tmp_path, "inotify", also=f"chmod 600 {readme}") as (_img, found, _g, _r):
+        _s, integrity = found.wait_for(lambda s, f: f.get("reason") == "inotify_overflow")
+        assert integrity["type"] == "integrity" and "integrity unknown" in integrity["detail"]
         # the chmod is reported once, by whichever saw it first
         found.file("/usr/share/doc/readme", "modified")
         assert [s for s, f in found.items if f.get("path") == "/usr/share/doc/readme"] in (
             ["realtime"],
             ["rescan"],
         )
-    finally:
-        guard.stop()
-        rescanner.stop()
 
 
 @pytest.mark.root
