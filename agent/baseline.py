@@ -15,11 +15,12 @@ from typing import Any, Final
 import structlog
 
 from agent import keys
-from agent.compare import Finding, compare_tree
+from agent.compare import Finding, PackageFinding, compare_packages, compare_tree
 from agent.errors import EXIT_DRIFT, EXIT_OK, AgentError, PolicyError
-from agent.manifest import Baseline, ManifestWriter, load_baseline
-from agent.measure import Entry, Walk
+from agent.manifest import Baseline, ManifestWriter, load_baseline, read_head
+from agent.packages import read_packages
 from agent.policy import Policy, load_policy
+from agent.walk import Walk
 from agent.wire import display_path
 
 CHECK_FORMAT: Final = "driftwarden-check"
@@ -61,23 +62,29 @@ def bake_command(args: argparse.Namespace) -> int:
     root = _root_dir(args.root)
     policy, text = _policy_with_text(args.policy)
     signer = keys.load_private(args.key) if args.key else None
+    packages = read_packages(root)
     out: Path = args.out
     started = time.monotonic()
     log.info("bake_started", root=str(root), policy=policy.name, out=str(out))
     own = {str(out.with_name(f".{out.name}{suffix}")) for suffix in (".tmp", ".entries.tmp")}
     ignore = _inside(root, out, *(Path(p) for p in own))
-    walk = Walk(root, policy, workers=args.workers, ignore=ignore)
-    with ManifestWriter(
-        out, policy=policy, policy_text=text, build_id=args.build_id, signer=signer
-    ) as writer:
-        for item in walk:
-            assert isinstance(item, Entry)  # no reference, so every path is measured
-            writer.add(item)
+    with (
+        Walk(root, policy, workers=args.workers, ignore=ignore) as walk,
+        ManifestWriter(
+            out, policy=policy, policy_text=text, build_id=args.build_id, signer=signer
+        ) as writer,
+    ):
+        for path, line, is_dir in walk.records():
+            writer.add_line(path, line, is_dir=is_dir)
+        writer.set_packages(packages)
         statement = writer.finish()
     seconds = time.monotonic() - started
     log.info("bake_finished", entries=writer.count, root_digest=statement["root"], seconds=seconds)
     signed = f"signed by {statement['key_id']}" if signer else "UNSIGNED (no --key)"
-    print(f"baked {writer.count} entries from {root} into {out}")
+    print(
+        f"baked {writer.count} entries and {len(packages.packages)} {packages.manager} packages"
+        f" from {root} into {out}"
+    )
     print(f"merkle root {statement['root']}, {signed}")
     return EXIT_OK
 
@@ -85,28 +92,27 @@ def bake_command(args: argparse.Namespace) -> int:
 def check_command(args: argparse.Namespace) -> int:
     root = _root_dir(args.root)
     public_key = keys.load_public(args.pubkey) if args.pubkey else None
-    baseline = load_baseline(args.baseline, public_key=public_key)
+    head = read_head(args.baseline, public_key=public_key)
     if public_key is None:
         log.warning("baseline_unverified", baseline=str(args.baseline), hint="pass --pubkey")
-    policy = load_policy(args.policy) if args.policy else baseline.policy
+    policy = load_policy(args.policy) if args.policy else head.policy
     started = time.monotonic()
-    walk = Walk(
-        root,
-        policy,
-        workers=args.workers,
-        unchanged=None if args.full else baseline.unchanged,
-        ignore=_inside(root, args.baseline),
-    )
-    findings = list(
-        compare_tree(
-            baseline,
-            walk,
-            policy,
-            first_boot=args.first_boot,
-            root=root,
-            skipped=walk.skipped,
+    ignore = _inside(root, args.baseline)
+    with Walk(root, policy, workers=args.workers, fast=not args.full, ignore=ignore) as walk:
+        walk.start()  # the workers walk while this process reads and verifies the baseline
+        baseline = load_baseline(args.baseline, public_key=public_key)
+        current_packages = read_packages(root)
+        findings: list[Finding | PackageFinding] = list(
+            compare_tree(
+                baseline,
+                walk.compared(baseline),
+                policy,
+                first_boot=args.first_boot,
+                root=root,
+                skipped=walk.skipped,
+            )
         )
-    )
+    findings += compare_packages(baseline.packages, current_packages, policy)
     drift = any(f.drift for f in findings)
     log.info(
         "check_finished",
@@ -125,7 +131,7 @@ def check_command(args: argparse.Namespace) -> int:
     return EXIT_DRIFT if drift else EXIT_OK
 
 
-def _counts(findings: Iterable[Finding]) -> dict[str, int]:
+def _counts(findings: Iterable[Finding | PackageFinding]) -> dict[str, int]:
     out = {"findings": 0, "drift": 0, "critical": 0, "warning": 0, "info": 0}
     for finding in findings:
         out["findings"] += 1
@@ -139,7 +145,7 @@ def _report(
     baseline: Baseline,
     policy: Policy,
     walk: Walk,
-    findings: list[Finding],
+    findings: list[Finding | PackageFinding],
     *,
     verified: bool,
 ) -> dict[str, Any]:
@@ -166,14 +172,20 @@ def _report(
     }
 
 
-def _print_text(findings: list[Finding], walk: Walk) -> None:
-    for f in findings:
-        status = "DRIFT" if f.drift else "allowed"
-        fields = f" [{','.join(f.fields)}]" if f.fields else ""
-        print(
-            f"{status:7} {f.severity:8} {f.change:8} {display_path(f.path)}{fields}"
-            f"  rule {f.rule!r} ({f.kind}): {f.reason}"
-        )
+def _line(finding: Finding | PackageFinding) -> str:
+    status = "DRIFT" if finding.drift else "allowed"
+    head = f"{status:7} {finding.severity:8} {finding.change:9}"
+    if isinstance(finding, PackageFinding):
+        versions = f"{finding.before or '-'} -> {finding.after or '-'}"
+        return f"{head} package {finding.name}:{finding.arch} {versions}"
+    fields = f" [{','.join(finding.fields)}]" if finding.fields else ""
+    why = f"rule {finding.rule!r} ({finding.kind}): {finding.reason}"
+    return f"{head} {display_path(finding.path)}{fields}  {why}"
+
+
+def _print_text(findings: list[Finding | PackageFinding], walk: Walk) -> None:
+    for finding in findings:
+        print(_line(finding))
     counts = _counts(findings)
     allowed = counts["findings"] - counts["drift"]
     verdict = "DRIFT" if counts["drift"] else "clean"

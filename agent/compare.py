@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent import record
-from agent.measure import Entry, Same, full_path, hash_file, order_key, root_prefix
+from agent.measure import Entry, full_path, hash_file, order_key, root_prefix
+from agent.packages import PackageSet, diff_packages
 from agent.policy import Decision, Policy
+from agent.walk import Same
 from agent.wire import encode_path
 
 
@@ -48,6 +50,42 @@ class Finding:
             "before": record.to_json(self.before) if self.before is not None else None,
             "after": record.to_json(self.after) if self.after is not None else None,
         }
+
+
+@dataclass(frozen=True)
+class PackageFinding:
+    """A package installed, removed or changed in version since the baseline."""
+
+    change: str  # "installed" | "removed" | "changed"
+    name: str
+    arch: str
+    before: str | None
+    after: str | None
+    drift: bool
+    severity: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "package",
+            "change": self.change,
+            "name": self.name,
+            "arch": self.arch,
+            "before": self.before,
+            "after": self.after,
+            "drift": self.drift,
+            "severity": self.severity,
+        }
+
+
+def compare_packages(before: PackageSet, after: PackageSet, policy: Policy) -> list[PackageFinding]:
+    """Package changes judged by the policy's ``package_change``: ``drift`` (drift, warning),
+    ``alert`` (reported as a warning, not drift) or ``allow`` (reported as info)."""
+    mode = policy.package_change
+    severity = "info" if mode == "allow" else "warning"
+    return [
+        PackageFinding(c.change, c.name, c.arch, c.before, c.after, mode == "drift", severity)
+        for c in diff_packages(before, after)
+    ]
 
 
 def changed_fields(before: Entry, after: Entry) -> tuple[str, ...]:
@@ -105,7 +143,8 @@ def compare_entry(
     first_boot: bool,
     root: Path | None = None,
 ) -> Finding | None:
-    """Judge one path: None when it is unchanged (or excluded), else a ``Finding``.
+    """Judge one path: a ``Finding``, or None when nothing the deciding rule looks at changed
+    (or the path is excluded). A path added or removed is always a finding, drift or not.
 
     ``root`` lets a growth-only rule confirm that a file only grew, by hashing the first
     ``before.size`` bytes of the file as it is now; without it a growth is not assumed.
@@ -122,8 +161,8 @@ def compare_entry(
     else:
         path = after.path
         fields = changed_fields(before, after)
-        if not fields:
-            return None
+        if not set(fields) & decision.attributes:
+            return None  # only attributes this rule ignores changed
         change = "modified"
     grew_only = (
         decision.kind == "growth_only"

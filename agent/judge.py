@@ -13,8 +13,6 @@ mutable rule are not even measured, since nothing about them can be drift.
 
 from __future__ import annotations
 
-import os
-import stat
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -23,11 +21,13 @@ from typing import Final, Protocol
 
 import structlog
 
+from agent import record
 from agent.compare import BaselineView, Finding, changed_fields, compare_entry
 from agent.errors import advice
-from agent.measure import TYPES, Entry, Same, Walk, full_path, measure_path, root_prefix
+from agent.measure import Entry, full_path, measure_path, root_prefix
 from agent.mounts import MountTable
 from agent.policy import Decision, Policy
+from agent.walk import Same, Signature, Walk
 from agent.wire import display_path
 
 _ALWAYS: Final = frozenset({"type"})
@@ -42,7 +42,9 @@ class Reference(BaselineView, Protocol):
 
     def __iter__(self) -> Iterator[Entry]: ...
 
-    def unchanged(self, path: str, st: os.stat_result) -> bool: ...
+    def unchanged(self, path: str, signature: Signature) -> bool: ...
+
+    def same_line(self, path: str, line: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Judge:
         *,
         first_boot: bool = False,
         report_allowed: bool = False,
-        workers: int = 0,
+        workers: int = 1,
     ) -> None:
         self.root = root
         self.baseline = baseline
@@ -141,9 +143,9 @@ class Judge:
         more is judged as removed."""
         if self.policy.excluded(path):
             return []
-        walk = Walk(self.root, replace(self.policy, roots=(path,)), workers=1)
         try:
-            return self._judge_walk(walk, under=path)
+            with Walk(self.root, replace(self.policy, roots=(path,)), workers=1) as walk:
+                return self._judge_walk(walk, under=path)
         except OSError as exc:
             log.warning("measure_failed", path=display_path(path), error=advice(exc))
             return []
@@ -151,14 +153,10 @@ class Judge:
     def check_all(self) -> tuple[list[Finding], PassStats]:
         """A metadata pass over every root: paths whose type, size, times and inode match
         what was last known are not read again. ``OSError`` reaches the caller."""
-        walk = Walk(
-            self.root,
-            self.policy,
-            workers=self.workers,
-            unchanged=self.unchanged,
-            mounts=MountTable.from_proc(),
-        )
-        found = self._judge_walk(walk, under=None)
+        with Walk(
+            self.root, self.policy, workers=self.workers, fast=True, mounts=MountTable.from_proc()
+        ) as walk:
+            found = self._judge_walk(walk, under=None)
         stats = PassStats(walk.count, walk.measured, len(found), tuple(walk.skipped))
         return found, stats
 
@@ -205,19 +203,34 @@ class Judge:
                 self._inodes = index
             return [p for ino in inodes for p in self._inodes.get(ino, ()) if p != path]
 
-    def unchanged(self, path: str, st: os.stat_result) -> bool:
-        """The fast path of a pass: ``st`` shows the path exactly as last reported or, when
-        nothing was reported, as the baseline recorded it."""
+    def unchanged(self, path: str, signature: Signature) -> bool:
+        """The fast path of a pass: the path's signature (type, size, times, inode) is as
+        last reported or, when nothing was reported, as the baseline recorded it."""
         with self._lock:
             if path not in self._reported:
-                return self.baseline.unchanged(path, st)
+                return self.baseline.unchanged(path, signature)
             entry = self._reported[path]
-        return entry is not None and _hints_match(entry, st)
+        if entry is None or entry.state != "ok":
+            return False
+        code, size, hints = signature
+        return (
+            record.TYPE_CODES[entry.type] == code
+            and record.hints_suffix(entry.mtime_ns, entry.ctime_ns, entry.ino) == hints
+            and (code == "d" or entry.size == size)
+        )
+
+    def same_line(self, path: str, line: str) -> bool:
+        """Whether a measurement (a record line) is exactly what is known for ``path``."""
+        with self._lock:
+            if path not in self._reported:
+                return self.baseline.same_line(path, line)
+            entry = self._reported[path]
+        return entry is not None and record.to_line(entry) == line
 
     def _judge_walk(self, walk: Walk, *, under: str | None) -> list[Finding]:
         seen: set[str] = set()
         found: list[Finding] = []
-        for item in walk:
+        for item in walk.compared(self):
             seen.add(item.path)
             if isinstance(item, Same):
                 continue
@@ -256,15 +269,3 @@ def _same(decision: Decision, previous: Entry | None, after: Entry | None) -> bo
         return previous is None and after is None
     fields = set(changed_fields(previous, after))
     return not fields & (decision.attributes | _ALWAYS)
-
-
-def _hints_match(entry: Entry, st: os.stat_result) -> bool:
-    kind = TYPES.get(stat.S_IFMT(st.st_mode), "unknown")
-    return (
-        entry.state == "ok"
-        and entry.type == kind
-        and entry.mtime_ns == st.st_mtime_ns
-        and entry.ctime_ns == st.st_ctime_ns
-        and entry.ino == st.st_ino
-        and (kind == "dir" or entry.size == st.st_size)
-    )

@@ -1,10 +1,11 @@
 """The manifest file: writing it as bake measures, reading and verifying it (``docs/manifest.md``).
 
 A manifest is a gzip stream of JSON lines: the signed statement (``wire.STATEMENT_KEYS``),
-the policy it was baked with, every entry record in manifest order (``record.py``), then the
-package section. The statement's ``root`` is the Merkle root over the entries' content,
-``hints_digest`` covers their fast-path hints and ``packages_digest`` the package section, so
-verifying the signature and recomputing those three verifies every byte that matters.
+the policy it was baked with, every entry record in manifest order (``record.py``), then one
+line of packages. The statement's ``root`` is the Merkle root over the entries' content,
+``hints_digest`` covers their fast-path hints and ``packages_digest`` the packages
+(``PackageSet.digest``), so verifying the signature and recomputing those three verifies every
+byte that matters.
 
 The writer streams: entries are compressed into a side file as they come, and the final file
 is the statement's gzip member followed by those bytes (gzip members concatenate).
@@ -18,7 +19,7 @@ import json
 import os
 import tomllib
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -28,9 +29,11 @@ from typing import IO, Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agent import keys, record
-from agent.errors import ManifestError, PolicyError, UntrustedError, advice
-from agent.measure import HASH_ALG, TYPES, Entry, order_key
+from agent.errors import ManifestError, PackageDbError, PolicyError, UntrustedError, advice
+from agent.measure import HASH_ALG, Entry
+from agent.packages import PackageSet
 from agent.policy import Policy, parse_policy
+from agent.walk import Signature
 from agent.wire import (
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
@@ -44,9 +47,8 @@ from agent.wire import (
     verify_statement,
 )
 
-COMPRESS_LEVEL: Final = 6
+COMPRESS_LEVEL: Final = 1  # the digests do not compress; level 1 is 3x faster than 6
 _FLUSH_LINES: Final = 2048
-_FMT_CODES: Final = {fmt: record.TYPE_CODES[name] for fmt, name in TYPES.items()}
 
 
 def tool_version() -> str:
@@ -54,13 +56,6 @@ def tool_version() -> str:
         return "driftwarden " + metadata.version("driftwarden")
     except metadata.PackageNotFoundError:
         return "driftwarden (source checkout)"
-
-
-@dataclass(frozen=True, slots=True)
-class Package:
-    name: str
-    version: str
-    arch: str
 
 
 # --- the Merkle tree -------------------------------------------------------------------------
@@ -79,7 +74,7 @@ class MerkleTree:
         self._tops: list[bytes] = []
         self.subtrees: dict[str, str] | None = {} if keep_subtrees else None
 
-    def add(self, path: str, content: bytes, *, is_dir: bool) -> None:
+    def add(self, path: str, content: bytes, is_dir: bool) -> None:
         stack = self._stack
         while stack and not path.startswith(stack[-1][1]):
             self._close()
@@ -108,13 +103,8 @@ class MerkleTree:
         return hashlib.sha256(b"\x02" + b"".join(self._tops)).hexdigest()
 
 
-def _package_section(manager: str, packages: Sequence[Package]) -> str:
-    lines = [json.dumps({"packages": manager, "count": len(packages)}, separators=(",", ":"))]
-    lines += [
-        json.dumps({"n": p.name, "v": p.version, "a": p.arch}, separators=(",", ":"))
-        for p in packages
-    ]
-    return "".join(line + "\n" for line in lines)
+def _package_line(packages: PackageSet) -> str:
+    return _line({"manager": packages.manager, "packages": packages.to_json()})
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -142,7 +132,7 @@ class ManifestWriter:
         self._merkle = MerkleTree()
         self._hints = hashlib.sha256()
         self._lines: list[str] = []
-        self._packages = _package_section("none", ())
+        self._packages = PackageSet("none", ())
         self._deflate = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, 31)
         self._side = out.with_name(f".{out.name}.entries.tmp")
         self._tmp = out.with_name(f".{out.name}.tmp")
@@ -164,17 +154,20 @@ class ManifestWriter:
             self.abort()
 
     def add(self, entry: Entry) -> None:
-        line = record.to_line(entry)
+        self.add_line(entry.path, record.to_line(entry), is_dir=entry.type == "dir")
+
+    def add_line(self, path: str, line: str, *, is_dir: bool) -> None:
+        """Add the record ``line`` of ``path`` (the next in manifest order)."""
         content, hints = record.split_line(line)
-        self._merkle.add(entry.path, content.encode(), is_dir=entry.type == "dir")
+        self._merkle.add(path, content.encode(), is_dir)
         self._hints.update(hints.encode())
         self._lines.append(line)
         self.count += 1
         if len(self._lines) >= _FLUSH_LINES:
             self._flush()
 
-    def set_packages(self, manager: str, packages: Sequence[Package]) -> None:
-        self._packages = _package_section(manager, packages)
+    def set_packages(self, packages: PackageSet) -> None:
+        self._packages = packages
 
     def _flush(self) -> None:
         if self._lines:
@@ -191,7 +184,7 @@ class ManifestWriter:
     def finish(self) -> dict[str, Any]:
         """Write the statement and the file; return the statement."""
         self._flush()
-        packages = self._packages.encode("utf-8")
+        packages = _package_line(self._packages).encode("utf-8")
         self._write(self._fh, self._deflate.compress(packages) + self._deflate.flush())
         self._fh.close()
         statement: dict[str, Any] = {
@@ -205,7 +198,7 @@ class ManifestWriter:
             "root": self._merkle.root(),
             "entries": self.count,
             "hints_digest": self._hints.hexdigest(),
-            "packages_digest": hashlib.sha256(packages).hexdigest(),
+            "packages_digest": self._packages.digest(),
         }
         if self.signer is not None:
             statement["key_id"] = key_id(keys.public_raw(self.signer.public_key()))
@@ -246,13 +239,11 @@ class Baseline:
         statement: dict[str, Any],
         policy: Policy,
         lines: dict[str, str],
-        manager: str,
-        packages: tuple[Package, ...],
+        packages: PackageSet,
         subtrees: dict[str, str],
     ) -> None:
         self.statement = statement
         self.policy = policy
-        self.manager = manager
         self.packages = packages
         self._lines = lines
         self._subtrees = subtrees
@@ -278,21 +269,62 @@ class Baseline:
         """The Merkle digest of the directory ``path`` and everything below it."""
         return self._subtrees.get(path)
 
-    def unchanged(self, path: str, st: os.stat_result) -> bool:
-        """True when ``path`` was recorded in state ok with the type, size, mtime, ctime and
-        inode that ``st`` shows: the fast path (its content is then not read again)."""
+    def unchanged(self, path: str, signature: Signature) -> bool:
+        """True when ``path`` was recorded in state ok with this signature (type, size, mtime,
+        ctime, inode): the fast path, where its content is not read again."""
+        code, size, hints = signature
         line = self._lines.get(path)
-        if line is None or not line.endswith(
-            record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-        ):
+        if line is None or not line.endswith(hints):
             return False
-        code = _FMT_CODES.get(st.st_mode & 0o170000)
-        if code is None or f',"t":"{code}"' not in line or ',"st":' in line:
+        if f',"t":"{code}"' not in line or ',"st":' in line:
             return False
         if code == "d":
             return True
-        size = st.st_size
         return f',"s":{size},' in line if size else ',"s":' not in line
+
+    def same_line(self, path: str, line: str) -> bool:
+        """True when ``path`` was recorded exactly as ``line``."""
+        return self._lines.get(path) == line
+
+
+@dataclass(frozen=True)
+class Head:
+    """A manifest's first two lines: its statement and the policy it was baked with."""
+
+    statement: dict[str, Any]
+    policy: Policy
+
+
+def read_head(path: Path, *, public_key: Verifier | None = None) -> Head:
+    """Read and check only the statement (and its signature, given a key) and the policy:
+    enough to start measuring while ``load_baseline`` reads the rest."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 (closed below; open errors are reported apart)
+    except OSError as exc:
+        raise ManifestError(f"cannot read manifest: {advice(exc)}", path=path) from exc
+    with fh, gzip.GzipFile(fileobj=fh, mode="rb") as unzipped:
+        try:
+            first = unzipped.readline().decode("utf-8")
+            second = unzipped.readline().decode("utf-8")
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise ManifestError(
+                f"not a readable manifest (gzip of JSON lines): {exc}", path=path
+            ) from exc
+    return _head(first, second, public_key, path)
+
+
+def _head(first: str, second: str, public_key: Verifier | None, path: Path) -> Head:
+    try:
+        statement = check_statement(json.loads(first))
+        if public_key is not None:
+            _verify(statement, public_key)
+    except (ValueError, MalformedError) as exc:
+        raise ManifestError(f"bad manifest statement: {exc}", path=path) from exc
+    except BadSignatureError as exc:
+        raise UntrustedError(str(exc), path=path) from exc
+    if statement["hash_alg"] != HASH_ALG:
+        raise ManifestError(f"unsupported hash algorithm {statement['hash_alg']!r}", path=path)
+    return Head(statement, _embedded_policy(second, statement, path))
 
 
 def load_baseline(path: Path, *, public_key: Verifier | None = None) -> Baseline:
@@ -304,7 +336,8 @@ def load_baseline(path: Path, *, public_key: Verifier | None = None) -> Baseline
     except OSError as exc:
         raise ManifestError(f"cannot read manifest: {advice(exc)}", path=path) from exc
     try:
-        text = gzip.decompress(raw).decode("utf-8")
+        data = gzip.decompress(raw)
+        text = data.decode("utf-8")
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise ManifestError(
             f"not a readable manifest (gzip of JSON lines): {exc}", path=path
@@ -312,18 +345,8 @@ def load_baseline(path: Path, *, public_key: Verifier | None = None) -> Baseline
     lines = text.split("\n")
     if len(lines) < 3 or lines[-1] != "":
         raise ManifestError("manifest is truncated", path=path)
-    try:
-        statement = check_statement(json.loads(lines[0]))
-        if public_key is not None:
-            _verify(statement, public_key)
-    except (ValueError, MalformedError) as exc:
-        raise ManifestError(f"bad manifest statement: {exc}", path=path) from exc
-    except BadSignatureError as exc:
-        raise UntrustedError(str(exc), path=path) from exc
-    if statement["hash_alg"] != HASH_ALG:
-        raise ManifestError(f"unsupported hash algorithm {statement['hash_alg']!r}", path=path)
-    policy = _embedded_policy(lines[1], statement, path)
-    return _read_body(lines, statement, policy, path)
+    head = _head(lines[0], lines[1], public_key, path)
+    return _read_body(lines, data.split(b"\n"), head.statement, head.policy, path)
 
 
 def _verify(statement: dict[str, Any], public_key: Verifier) -> None:
@@ -351,51 +374,61 @@ def _embedded_policy(line: str, statement: dict[str, Any], path: Path) -> Policy
     return policy
 
 
-def _read_body(lines: list[str], statement: dict[str, Any], policy: Policy, path: Path) -> Baseline:
+def _read_body(
+    lines: list[str], raw_lines: list[bytes], statement: dict[str, Any], policy: Policy, path: Path
+) -> Baseline:
+    """Index the entry records by path and recompute the statement's digests over them.
+
+    This runs on every check, so it reads each record's path, type and hints straight from
+    the line's bytes (``docs/manifest.md``: inside a JSON string every quote is escaped, so
+    ``","t":"`` and ``,"z":`` can only be the record's own keys) and decodes nothing else.
+    """
     merkle = MerkleTree(keep_subtrees=True)
-    hints = hashlib.sha256()
-    entries: dict[str, str] = {}
-    last = b""
+    add = merkle.add
+    hints: list[bytes] = []
+    entries: dict[str, str] = {}  # a reordered or repeated entry changes the root or count
     index = 2
     end = len(lines) - 1
-    while index < end and lines[index].startswith('{"p":'):
-        line = lines[index]
-        entry_path = record.line_path(line)
-        key = order_key(entry_path)
-        if key <= last and entries:
-            raise UntrustedError(f"entries out of order at {entry_path!r}", path=path)
-        last = key
-        content, hint = record.split_line(line)
-        cut = content.find(',"t":"')
-        merkle.add(entry_path, content.encode(), is_dir=content[cut + 6 : cut + 7] == "d")
-        hints.update(hint.encode())
-        entries[entry_path] = line
+    while index < end and raw_lines[index].startswith(b'{"p":"'):
+        raw = raw_lines[index]
+        stop = raw.find(b'","t":"', 6)
+        cut = raw.rfind(b',"z":')
+        if stop < 0 or cut < stop:
+            raise ManifestError(f"malformed entry record on line {index + 1}", path=path)
+        name = raw[6:stop]
+        if b"\\" in name or name.startswith(b"b64:"):
+            entry_path = record.line_path(lines[index])
+        else:
+            entry_path = name.decode("utf-8")
+        add(entry_path, raw[:cut], raw[stop + 7] == 0x64)  # type "d"
+        hints.append(raw[cut:])
+        entries[entry_path] = lines[index]
         index += 1
-    section = "".join(line + "\n" for line in lines[index:end])
-    manager, packages = _parse_packages(lines[index:end], path)
+    packages = _parse_packages(lines[index:end], path)
     problems = []
-    if len(entries) != statement["entries"]:
-        problems.append(f"{len(entries)} entries where the statement says {statement['entries']}")
+    count = index - 2
+    if count != statement["entries"]:
+        problems.append(f"{count} entries where the statement says {statement['entries']}")
+    if count != len(entries):
+        problems.append(f"{count - len(entries)} paths are repeated")
     if merkle.root() != statement["root"]:
         problems.append("the Merkle root does not match the entries")
-    if hints.hexdigest() != statement.get("hints_digest"):
+    if hashlib.sha256(b"".join(hints)).hexdigest() != statement.get("hints_digest"):
         problems.append("the fast-path hints do not match the statement")
-    if hashlib.sha256(section.encode("utf-8")).hexdigest() != statement.get("packages_digest"):
+    if packages.digest() != statement.get("packages_digest"):
         problems.append("the package section does not match the statement")
     if problems:
         raise UntrustedError("manifest was altered: " + "; ".join(problems), path=path)
-    return Baseline(statement, policy, entries, manager, packages, merkle.subtrees or {})
+    return Baseline(statement, policy, entries, packages, merkle.subtrees or {})
 
 
-def _parse_packages(lines: list[str], path: Path) -> tuple[str, tuple[Package, ...]]:
-    try:
-        head = json.loads(lines[0])
-        manager, count = head["packages"], head["count"]
-        packages = tuple(
-            Package(obj["n"], obj["v"], obj["a"]) for obj in map(json.loads, lines[1:])
+def _parse_packages(lines: list[str], path: Path) -> PackageSet:
+    if len(lines) != 1:
+        raise UntrustedError(
+            f"expected one package line after the entries, found {len(lines)}", path=path
         )
-    except (IndexError, ValueError, KeyError, TypeError) as exc:
+    try:
+        obj = json.loads(lines[0])
+        return PackageSet.from_json(obj["packages"], manager=obj["manager"])
+    except (ValueError, KeyError, TypeError, PackageDbError) as exc:
         raise ManifestError(f"bad package section: {exc}", path=path) from exc
-    if count != len(packages) or not isinstance(manager, str):
-        raise UntrustedError("package section is truncated", path=path)
-    return manager, packages

@@ -1,4 +1,4 @@
-"""Measuring files: one path (``measure_path``) or a whole tree in manifest order (``walk``).
+"""Measuring one path: ``Entry`` and ``measure_path`` (the tree walk is ``agent.walk``).
 
 A path is a ``str`` as seen inside the image (``/etc/passwd``), decoded from the file
 system's bytes with ``surrogateescape``; ``root`` is where the image is mounted. Nothing is
@@ -7,10 +7,11 @@ ever followed: symlinks are read with ``readlink``, and only regular files are o
 after reading, and a file that is not the one ``lstat`` saw, or that changed while it was
 read, is measured again, and after a few attempts recorded as ``unstable``.
 
-Entry states: ``ok``; ``unreadable`` (open, read or xattrs failed: metadata recorded, no
-digest); ``too_large`` (over the policy's ``max_file_size_bytes``: metadata recorded, no
-digest); ``unstable`` (kept changing while read: metadata of the last look, no digest). A path
-that vanishes while it is measured yields no entry at all.
+Entry states: ``ok``; ``unreadable`` (open, read or xattrs failed, or a directory that
+cannot be listed: metadata recorded, no digest, no contents); ``too_large`` (over the
+policy's ``max_file_size_bytes``: metadata recorded, no digest); ``unstable`` (kept changing
+while read: metadata of the last look, no digest). A path that vanishes while it is measured
+yields no entry at all.
 """
 
 from __future__ import annotations
@@ -20,14 +21,10 @@ import hashlib
 import os
 import stat
 import threading
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from agent.mounts import MountTable
 from agent.policy import Policy
 
 HASH_ALG: Final = "sha256"
@@ -43,7 +40,7 @@ TYPES: Final = {
 }
 _ATTEMPTS: Final = 3
 _CHUNK_BYTES: Final = 1 << 20
-_INLINE_BYTES: Final = 256 << 10  # smaller files are hashed by the walking thread itself
+_INLINE_BYTES: Final = 256 << 10  # smaller files are read in one call
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _NOATIME: Final = getattr(os, "O_NOATIME", 0)
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
@@ -117,7 +114,7 @@ def measure_path(
         if exc.errno in _GONE:
             return None
         raise
-    return _measure(full, path, st, policy, hash_content=hash_content)
+    return measure_stat(full, path, st, policy, hash_content=hash_content)
 
 
 def wants_content(policy: Policy, path: str) -> bool:
@@ -125,38 +122,51 @@ def wants_content(policy: Policy, path: str) -> bool:
     return "content" in decision.attributes or decision.kind == "growth_only"
 
 
-def _measure(
+def measure_stat(
     full: str, path: str, st: os.stat_result, policy: Policy, *, hash_content: bool
 ) -> Entry | None:
-    """Measure a path that ``lstat`` showed as ``st``; None if it vanished meanwhile."""
+    """Measure the path that ``lstat`` showed as ``st`` (``full`` on this machine, ``path``
+    inside the image); None if it vanished meanwhile."""
     if stat.S_ISREG(st.st_mode) and hash_content and wants_content(policy, path):
         return _hashed_entry(full, path, st, policy.max_file_size_bytes)
-    return _entry(full, path, st, None, "ok")
+    if stat.S_ISDIR(st.st_mode) and not _listable(full):
+        return stat_entry(full, path, st, None, "unreadable")  # its contents cannot be seen
+    return stat_entry(full, path, st, None, "ok")
+
+
+def _listable(directory: str) -> bool:
+    try:
+        os.close(os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+    except PermissionError:
+        return False
+    except OSError:
+        return True  # vanished or replaced: the caller's next look tells
+    return True
 
 
 def _hashed_entry(full: str, path: str, st: os.stat_result, cap: int) -> Entry | None:
     for _attempt in range(_ATTEMPTS):
         if not stat.S_ISREG(st.st_mode):
-            return _entry(full, path, st, None, "ok")
+            return stat_entry(full, path, st, None, "ok")
         if cap and st.st_size > cap:
-            return _entry(full, path, st, None, "too_large")
+            return stat_entry(full, path, st, None, "too_large")
         try:
             digest = _hash_stable(full, st)
         except OSError as exc:
             if exc.errno in _GONE:
                 return None
             if exc.errno != errno.ELOOP:  # ELOOP: replaced by a symlink; look again
-                return _entry(full, path, st, None, "unreadable")
+                return stat_entry(full, path, st, None, "unreadable")
             digest = None
         if digest is not None:
-            return _entry(full, path, st, digest, "ok")
+            return stat_entry(full, path, st, digest, "ok")
         try:
             st = os.lstat(full)
         except OSError as exc:
             if exc.errno in _GONE:
                 return None
-            return _entry(full, path, st, None, "unreadable")
-    return _entry(full, path, st, None, "unstable")
+            return stat_entry(full, path, st, None, "unreadable")
+    return stat_entry(full, path, st, None, "unstable")
 
 
 def _open(full: str) -> int:
@@ -233,7 +243,7 @@ def _xattrs(full: str) -> tuple[tuple[str, bytes], ...]:
     return tuple(out)
 
 
-def _entry(
+def stat_entry(
     full: str, path: str, st: os.stat_result, digest: str | None, state: str
 ) -> Entry | None:
     """Build an entry from ``st``, reading the symlink target and the xattrs."""
@@ -269,217 +279,7 @@ def _entry(
     )
 
 
-# --- the tree walk ---------------------------------------------------------------------------
-
-Unchanged = Callable[[str, os.stat_result], bool]
-"""``unchanged(path, st)``: True when the reference says this path is exactly as ``st`` shows
-(same type, size, mtime, ctime, inode), so it need not be measured again."""
-
-
-@dataclass(frozen=True, slots=True)
-class Same:
-    """A path the walk saw unchanged against its reference (see ``Unchanged``)."""
-
-    path: str
-
-
 def order_key(path: str) -> bytes:
     """The manifest order: path bytes, with '/' before every other byte (parents first, then
     each directory's whole subtree before its next sibling)."""
     return path.encode("utf-8", "surrogateescape").replace(b"/", b"\x00")
-
-
-class Walk:
-    """Every path under the policy's roots, in manifest order, measured.
-
-    Iterating yields an ``Entry`` per path (or ``Same`` where ``unchanged`` says the path is
-    as before). Excluded paths and mounts of excluded file system types (or, with
-    ``one_filesystem``, any other file system) are not descended; ``skipped`` lists those
-    mount points afterwards, ``count`` the paths seen and ``measured`` those measured (not
-    ``Same``). Paths in ``ignore`` (the tool's own output) are passed over. Regular files of
-    ``_INLINE_BYTES`` and more are hashed by ``workers`` threads while the walk goes on;
-    entries still come out in order.
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        policy: Policy,
-        *,
-        workers: int = 0,
-        unchanged: Unchanged | None = None,
-        mounts: MountTable | None = None,
-        ignore: frozenset[str] = frozenset(),
-        window: int = 4096,
-    ) -> None:
-        self.root = root_prefix(root)
-        self.policy = policy
-        self.workers = workers or os.cpu_count() or 1
-        self.unchanged = unchanged
-        self.mounts = mounts if mounts is not None else MountTable.from_proc()
-        self.ignore = ignore
-        self.window = window
-        self.skipped: list[str] = []
-        self.count = 0
-        self.measured = 0
-
-    def __iter__(self) -> Iterator[Entry | Same]:
-        pending: deque[Entry | Same | Future[Entry | None]] = deque()
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="hash")
-        try:
-            for item in self._items(pool):
-                pending.append(item)
-                while pending and (
-                    len(pending) > self.window
-                    or not isinstance(pending[0], Future)
-                    or pending[0].done()
-                ):
-                    out = _resolve(pending.popleft())
-                    if out is not None:
-                        yield out
-            while pending:
-                out = _resolve(pending.popleft())
-                if out is not None:
-                    yield out
-        finally:
-            for item in pending:
-                if isinstance(item, Future):
-                    item.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    def _items(self, pool: ThreadPoolExecutor) -> Iterator[Entry | Same | Future[Entry | None]]:
-        links: dict[tuple[int, int], tuple[str, Entry | Same | Future[Entry | None]]] = {}
-        tops = _top_roots(self.policy.roots)
-        root_dev: int | None = None
-        for top in tops:
-            if self.policy.excluded(top):
-                continue
-            full = full_path(self.root, top)
-            try:
-                st = os.lstat(full)
-            except FileNotFoundError:
-                continue
-            if root_dev is None:
-                root_dev = st.st_dev
-            item = self._visit(pool, links, top, full, st)
-            if item is not None:
-                yield item
-            if not stat.S_ISDIR(st.st_mode):
-                continue
-            stack = [self._children(full, top)]
-            while stack:
-                child = next(stack[-1], None)
-                if child is None:
-                    stack.pop()
-                    continue
-                path, cfull, cst = child
-                if stat.S_ISDIR(cst.st_mode) and self._skip_mount(path, cfull, cst, root_dev):
-                    continue
-                item = self._visit(pool, links, path, cfull, cst)
-                if item is not None:
-                    yield item
-                if stat.S_ISDIR(cst.st_mode):
-                    stack.append(self._children(cfull, path))
-
-    def _children(self, full: str, path: str) -> Iterator[tuple[str, str, os.stat_result]]:
-        try:
-            with os.scandir(full) as it:
-                names = sorted(
-                    (e.name for e in it), key=lambda n: n.encode("utf-8", "surrogateescape")
-                )
-        except OSError as exc:
-            if exc.errno in (*_GONE, errno.EACCES, errno.EPERM):
-                return  # vanished, or unreadable (the directory's own entry still stands)
-            raise
-        prefix = path if path != "/" else ""
-        excluded = self.policy.excluded
-        ignore = self.ignore
-        for name in names:
-            child = prefix + "/" + name
-            if excluded(child) or child in ignore:
-                continue
-            cfull = full + "/" + name if full != "/" else "/" + name
-            try:
-                yield child, cfull, os.lstat(cfull)
-            except OSError as exc:
-                if exc.errno not in _GONE:
-                    raise
-
-    def _skip_mount(self, path: str, full: str, st: os.stat_result, root_dev: int) -> bool:
-        if st.st_dev == root_dev:
-            return False
-        fstype = self.mounts.fstype(full)
-        if self.policy.one_filesystem or fstype in self.policy.exclude_fstypes:
-            self.skipped.append(path)
-            return True
-        return False
-
-    def _visit(
-        self,
-        pool: ThreadPoolExecutor,
-        links: dict[tuple[int, int], tuple[str, Entry | Same | Future[Entry | None]]],
-        path: str,
-        full: str,
-        st: os.stat_result,
-    ) -> Entry | Same | Future[Entry | None] | None:
-        self.count += 1
-        if self.unchanged is not None and self.unchanged(path, st):
-            item: Entry | Same | Future[Entry | None] | None = Same(path)
-        else:
-            self.measured += 1
-            item = None
-        linked = not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1
-        key = (st.st_dev, st.st_ino)
-        first = links.get(key) if linked else None
-        if item is not None:
-            pass
-        elif first is not None:
-            item = _linked(full, path, st, first, self.policy)
-        elif (
-            stat.S_ISREG(st.st_mode)
-            and st.st_size >= _INLINE_BYTES
-            and wants_content(self.policy, path)
-        ):
-            item = pool.submit(_hashed_entry, full, path, st, self.policy.max_file_size_bytes)
-        else:
-            item = _measure(full, path, st, self.policy, hash_content=True)
-        if item is not None and linked and first is None:
-            links[key] = (path, item)
-        return item
-
-
-def _linked(
-    full: str,
-    path: str,
-    st: os.stat_result,
-    first: tuple[str, Entry | Same | Future[Entry | None]],
-    policy: Policy,
-) -> Entry | None:
-    """A further name of a file already measured: reuse the first's digest, hash once."""
-    first_path, first_item = first
-    measured = first_item.result() if isinstance(first_item, Future) else first_item
-    if (
-        isinstance(measured, Entry)
-        and measured.state == "ok"
-        and (measured.size, measured.mtime_ns, measured.ctime_ns)
-        == (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    ):
-        entry = _entry(full, path, st, measured.digest, "ok")
-        if entry is not None and not wants_content(policy, path):
-            entry = replace(entry, digest=None)
-    else:
-        entry = _measure(full, path, st, policy, hash_content=True)
-    return replace(entry, hardlink=first_path) if entry is not None else None
-
-
-def _resolve(item: Entry | Same | Future[Entry | None]) -> Entry | Same | None:
-    return item.result() if isinstance(item, Future) else item
-
-
-def _top_roots(roots: tuple[str, ...]) -> list[str]:
-    """The policy's roots in manifest order, without any that lies inside another."""
-    out: list[str] = []
-    for root in sorted(set(roots), key=order_key):
-        if not any(r in (root, "/") or root.startswith(r + "/") for r in out):
-            out.append(root)
-    return out

@@ -4,10 +4,11 @@ The database's files (``agent.packages.database_paths``: dpkg's ``status`` and `
 apk's ``installed``, rpm's database directory) are watched through watchdog; package managers
 replace them by rename, so each file's directory is watched and names are matched. A burst of
 writes (one ``apt-get install`` rewrites ``status`` many times) settles for ``settle_s``
-before the database is read again with ``read_packages`` and diffed against the last known set;
-each package installed, removed or changed is reported as a ``packages`` finding, judged by
-the policy's ``package_change`` (``drift``, ``alert``, ``allow``). A database caught half
-written (``PackageDbError``) is read again after ``retry_s``; nothing is reported from it.
+before the database is read again with ``read_packages`` and diffed against the last known
+set; each package installed, removed or changed is reported as a ``packages`` finding, judged
+by the policy's ``package_change`` as ``check`` judges it (``compare.compare_packages``). A
+database caught half written (``PackageDbError``) is read again after ``retry_s``; nothing is
+reported from it.
 """
 
 from __future__ import annotations
@@ -16,23 +17,17 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
 
 import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from agent.compare import compare_packages
 from agent.errors import PackageDbError, advice
-from agent.packages import PackageChange, PackageSet, database_paths, diff_packages, read_packages
-from agent.policy import PACKAGE_MODES
+from agent.packages import PackageSet, database_paths, read_packages
+from agent.policy import Policy
 from agent.worker import Emit, Worker
-
-VERDICTS: Final = {
-    "drift": (True, "warning"),
-    "alert": (False, "warning"),
-    "allow": (False, "info"),
-}
 
 log = structlog.get_logger(__name__)
 
@@ -41,21 +36,6 @@ log = structlog.get_logger(__name__)
 class PackageWatchConfig:
     settle_s: float = 0.5
     retry_s: float = 5.0
-
-
-def package_finding(change: PackageChange, mode: str) -> dict[str, Any]:
-    """The wire shape of a package change (``docs/protocol.md``)."""
-    drift, severity = VERDICTS[mode]
-    return {
-        "type": "package",
-        "change": change.change,
-        "name": change.name,
-        "arch": change.arch,
-        "before": change.before,
-        "after": change.after,
-        "drift": drift,
-        "severity": severity,
-    }
 
 
 class _Handler(FileSystemEventHandler):
@@ -71,7 +51,9 @@ class _Handler(FileSystemEventHandler):
 
 
 class PackageWatch(Worker):
-    """Watches the package database under ``root`` (see the module's docstring)."""
+    """Watches the package database under ``root`` (see the module's docstring). ``initial``:
+    the package set to diff the first change against (what the boot check read); read at
+    start when None."""
 
     name = "packages"
 
@@ -79,16 +61,14 @@ class PackageWatch(Worker):
         self,
         root: Path,
         emit: Emit,
+        policy: Policy,
         *,
-        package_change: str = "drift",
         initial: PackageSet | None = None,
         config: PackageWatchConfig = PackageWatchConfig(),
     ) -> None:
-        if package_change not in PACKAGE_MODES:
-            raise ValueError(f"package_change {package_change!r} is not one of {PACKAGE_MODES}")
         super().__init__(emit)
         self.root = root
-        self.mode = package_change
+        self.policy = policy
         self.config = config
         self.known = initial
         self.reads = 0
@@ -174,8 +154,8 @@ class PackageWatch(Worker):
         if previous is None:
             log.info("package_set_known", packages=len(current.packages))
             return True
-        changes = diff_packages(previous, current)
+        changes = compare_packages(previous, current, self.policy)
         if changes:
             log.warning("packages_changed", count=len(changes), manager=current.manager)
-            self.emit("packages", [package_finding(c, self.mode) for c in changes])
+            self.emit("packages", [c.to_wire() for c in changes])
         return True

@@ -1,144 +1,96 @@
-"""A small image root baked into a real manifest, and a findings recorder to wait on: what the
-guard, rescan and package watch tests share."""
+"""A small image root and policy for the baseline tests, and an in-process bake."""
 
 from __future__ import annotations
 
+import argparse
 import os
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from agent.judge import Judge
-from agent.manifest import Baseline, ManifestWriter, load_baseline
-from agent.measure import Entry, Walk
-from agent.policy import Policy, load_policy
+from agent import baseline, keys
 
 POLICY = """
 [policy]
-name = "guard-test"
+name = "test-image"
 roots = ["/"]
-exclude = ["/proc", "/tmp"]
+exclude = ["/proc", "/sys", "/dev", "/run", "/tmp"]
+max_file_size_bytes = 1048576
+
+[[rule]]
+name = "identity"
+kind = "first_boot"
+paths = ["/etc/machine-id"]
 
 [[rule]]
 name = "credentials"
 kind = "critical"
-paths = ["/etc/sudoers.d", "/etc/sudoers.d/**"]
+paths = ["/etc/shadow", "/etc/sudoers.d", "/etc/sudoers.d/**"]
+
+[[rule]]
+name = "app-log"
+kind = "growth_only"
+paths = ["/var/log/app.log"]
 
 [[rule]]
 name = "state"
 kind = "mutable"
-paths = ["/var/log/**", "/var/cache/**"]
+paths = ["/var/lib/app/**", "/var/log/**"]
+
+[[sample]]
+path = "/etc/shadow"
+expect = "critical"
 """
 
-FILES = {
-    "etc/app.conf": b"listen = 8080\nworkers = 4\n",
-    "etc/hostname": b"image\n",
-    "etc/sudoers.d/admins": b"%admin ALL=(ALL) ALL\n",
-    "usr/bin/tool": b"#!/bin/sh\necho tool\n",
-    "usr/lib/libx.so": os.urandom(300_000),
-    "usr/share/doc/readme": b"read me\n",
-    "var/lib/app/data": b"state 1\n",
-    "var/log/syslog": b"boot\n",
-    "var/cache/apt/pkgcache": b"cache\n",
+# The same shapes in an immutable place and a mutable one: (file, symlink, directory).
+AREAS = {
+    "immutable": ("/usr/bin/tool", "/usr/lib/libx.so", "/usr/bin"),
+    "mutable": ("/var/lib/app/tool", "/var/lib/app/lib.so", "/var/lib/app"),
 }
 
 
-def make_image(root: Path) -> None:
-    for name, data in FILES.items():
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    (root / "usr/bin/tool").chmod(0o755)
-    (root / "etc/alternatives").mkdir()
-    os.symlink("/usr/bin/tool", root / "etc/alternatives/editor")
-    for empty in ("proc", "tmp", "var/log/app"):
-        (root / empty).mkdir(parents=True, exist_ok=True)
+def at(root: Path, path: str) -> Path:
+    """The file on this machine for ``path`` inside the image at ``root``."""
+    return root / path.lstrip("/")
 
 
-def bake(root: Path, work: Path) -> tuple[Policy, Baseline]:
-    """Bake ``root`` with the test policy into ``work/manifest`` and load it back."""
-    policy_path = work / "policy.toml"
-    policy_path.write_text(POLICY)
-    policy = load_policy(policy_path)
-    out = work / "manifest"
-    walk = Walk(root, policy, workers=1)
-    with ManifestWriter(out, policy=policy, policy_text=POLICY, build_id="test") as writer:
-        for item in walk:
-            assert isinstance(item, Entry)
-            writer.add(item)
-        writer.finish()
-    return policy, load_baseline(out)
+def build(root: Path) -> Path:
+    """Create the sample image under ``root``; return ``root``."""
+    files = {
+        "/etc/passwd": (b"root:x:0:0:root:/root:/bin/sh\n", 0o644),
+        "/etc/shadow": (b"root:*:19000:0:99999:7:::\n", 0o640),
+        "/etc/machine-id": (b"", 0o444),
+        "/etc/sudoers.d/base": (b"Defaults env_reset\n", 0o440),
+        "/usr/bin/tool": (b"\x7fELF" + bytes(range(256)) * 40, 0o755),
+        "/usr/lib/libx.so.1": (b"\x7fELF library", 0o644),
+        "/usr/share/doc/readme": (b"read me\n", 0o644),
+        "/var/log/app.log": (b"started\n", 0o640),
+        "/var/lib/app/tool": (b"\x7fELF" + bytes(range(256)) * 40, 0o755),
+        "/var/lib/app/lib.so.1": (b"\x7fELF library", 0o644),
+    }
+    for path, (data, mode) in files.items():
+        file = at(root, path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(data)
+        file.chmod(mode)
+    os.symlink("libx.so.1", at(root, "/usr/lib/libx.so"))
+    os.symlink("lib.so.1", at(root, "/var/lib/app/lib.so"))
+    return root
 
 
-@dataclass
-class Image:
-    root: Path
-    policy: Policy
-    baseline: Baseline
-
-    def judge(self) -> Judge:
-        return Judge(self.root, self.baseline, self.policy)
+def write_policy(directory: Path, text: str = POLICY) -> Path:
+    path = directory / "policy.toml"
+    path.write_text(text)
+    return path
 
 
-def image(tmp_path: Path) -> Image:
-    root = tmp_path / "root"
-    make_image(root)
-    policy, baseline = bake(root, tmp_path)
-    return Image(root, policy, baseline)
+def make_key(directory: Path, name: str = "pipeline.key") -> Path:
+    key = directory / name
+    keys.generate(key)
+    return key
 
 
-class Recorder:
-    """An ``emit`` callback that keeps every (source, finding) and lets a test wait for one."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, dict[str, Any]]] = []
-        self._cond = threading.Condition()
-
-    def __call__(self, source: str, findings: list[dict[str, Any]]) -> None:
-        with self._cond:
-            self.items.extend((source, f) for f in findings)
-            self._cond.notify_all()
-
-    def wait_for(
-        self, match: Callable[[str, dict[str, Any]], bool], timeout_s: float = 15.0
-    ) -> tuple[str, dict[str, Any]]:
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while True:
-                for item in self.items:
-                    if match(*item):
-                        return item
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no matching finding within {timeout_s}s: {self.items}")
-                self._cond.wait(left)
-
-    def file(self, path: str, change: str | None = None, **want: Any) -> dict[str, Any]:
-        """Wait for a file finding for ``path`` (and ``change``) and return it."""
-
-        def match(_source: str, f: dict[str, Any]) -> bool:
-            return (
-                f.get("type") == "file"
-                and f["path"] == path
-                and (change is None or f["change"] == change)
-                and all(f.get(k) == v for k, v in want.items())
-            )
-
-        return self.wait_for(match)[1]
-
-    def paths(self) -> set[str]:
-        with self._cond:
-            return {f["path"] for _, f in self.items if f.get("type") == "file"}
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float = 15.0, what: str = "") -> None:
-    """Poll a condition that has no event to wait on, up to ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    event = threading.Event()
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        event.wait(0.02)
+def bake(root: Path, policy: Path, out: Path, *, key: Path | None = None) -> None:
+    """Bake in-process (the set-up of a test; the command itself is tested as a process)."""
+    args = argparse.Namespace(
+        root=root, policy=policy, out=out, key=key, build_id="test-build", workers=2
+    )
+    assert baseline.bake_command(args) == 0

@@ -25,7 +25,7 @@ from agent.guard import Guard, GuardConfig, Intake
 from agent.inotify import may_lie_below, mutable_below
 from agent.policy import parse_policy
 from agent.rescan import RescanConfig, Rescanner
-from tests.agent.imagetree import POLICY, Image, Recorder, image, wait_until
+from tests.agent.guardtree import POLICY, Image, Recorder, image, wait_until
 
 QUIET = RescanConfig(metadata_interval_s=3600, full_rehash_period_s=1e9)
 HERE = Path(__file__).resolve().parent

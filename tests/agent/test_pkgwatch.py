@@ -13,7 +13,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.pkgwatch import PackageWatch, PackageWatchConfig
-from tests.agent.imagetree import Recorder, wait_until
+from agent.policy import parse_policy
+from tests.agent.guardtree import Recorder, wait_until
 from tests.agent.test_packages import DpkgRoot
 
 FAST = PackageWatchConfig(settle_s=0.1, retry_s=0.2)
@@ -49,7 +50,8 @@ def root(tmp_path: Path) -> Path:
 @contextmanager
 def watching(root: Path, mode: str = "drift") -> Iterator[tuple[PackageWatch, Recorder]]:
     found = Recorder()
-    watch = PackageWatch(root, found, package_change=mode, config=FAST)
+    policy = parse_policy({"policy": {"name": "t", "package_change": mode}}, source="t.toml")
+    watch = PackageWatch(root, found, policy, config=FAST)
     watch.start()
     try:
         yield watch, found

@@ -22,7 +22,7 @@ from agent.rescan import (
     hash_budgeted,
     resident,
 )
-from tests.agent.imagetree import Image, Recorder, image, wait_until
+from tests.agent.guardtree import Image, Recorder, image, wait_until
 
 QUIET = RescanConfig(metadata_interval_s=3600, full_rehash_period_s=1e9)
 
@@ -111,7 +111,7 @@ def test_rehash_keeps_to_the_io_budget(tmp_path: Path) -> None:
 
 
 def image_rebaked(img: Image, tmp_path: Path) -> Image:
-    from tests.agent.imagetree import bake
+    from tests.agent.guardtree import bake
 
     policy, baseline = bake(img.root, tmp_path)
     return Image(img.root, policy, baseline)

@@ -1,0 +1,237 @@
+"""The manifest: record encoding, Merkle tree, determinism, and refusing what was altered."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent import keys, record
+from agent.errors import ManifestError, UntrustedError
+from agent.manifest import Baseline, load_baseline, read_head
+from agent.measure import Entry
+from agent.wire import key_id, read_statement
+from tests.agent.imagetree import at, bake, build, make_key, write_policy
+
+WEIRD = Entry(
+    path="/etc/b64:odd\udcff\nname",
+    type="file",
+    mode=0o4755,
+    uid=0,
+    gid=7,
+    size=12,
+    digest="ab" * 32,
+    target=None,
+    hardlink="/etc/\udcfeother",
+    xattrs=(("security.capability", b"\x01\x00\x00\x02"), ("user.\udcff", b"")),
+    rdev=0,
+    mtime_ns=-5,
+    ctime_ns=1_700_000_000_000_000_001,
+    ino=42,
+    nlink=2,
+    state="ok",
+)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        WEIRD,
+        Entry("/", "dir", 0o1777, 0, 0, 0, None, None, None, (), 0, 1, 2, 3, 0),
+        Entry("/l", "symlink", 0o777, 0, 0, 4, None, "b64:x", None, (), 0, 1, 2, 3, 1),
+        Entry("/d", "chardev", 0o600, 0, 6, 0, None, None, None, (), 1285, 1, 2, 3, 1),
+        Entry("/u", "file", 0o600, 0, 0, 9, None, None, None, (), 0, 1, 2, 3, 1, "unstable"),
+    ],
+    ids=["weird-file", "dir", "symlink", "device", "unstable"],
+)
+def test_record_round_trips(entry: Entry) -> None:
+    line = record.to_line(entry)
+    assert "\n" not in line
+    assert record.from_line(line) == entry
+    assert record.line_path(line) == entry.path
+    assert record.from_json(json.loads(line)) == entry
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        '{"p":"/x","t":"f","m":"644","zz":1,"z":[1,2,3]}',
+        '{"p":"/x","t":"q","m":"644","z":[1,2,3]}',
+        '{"p":"/x","t":"f","m":"644","h":"xyz","z":[1,2,3]}',
+        '{"p":"/x","t":"f","m":"644","u":-1,"z":[1,2,3]}',
+        '{"p":"/x","t":"f","m":"644","z":[1,2]}',
+        '{"p":"/x","t":"f","m":"644","st":"odd","z":[1,2,3]}',
+        '["not an object"]',
+    ],
+)
+def test_malformed_records_are_refused(broken: str) -> None:
+    with pytest.raises(ManifestError):
+        record.from_line(broken)
+
+
+@pytest.fixture
+def baked(tmp_path: Path) -> tuple[Path, Path, Path]:
+    root = build(tmp_path / "root")
+    key = make_key(tmp_path)
+    out = tmp_path / "m.gz"
+    bake(root, write_policy(tmp_path), out, key=key)
+    return root, out, key
+
+
+def _load(out: Path, key: Path) -> Baseline:
+    return load_baseline(out, public_key=keys.load_public(keys.public_path(key)))
+
+
+def test_baseline_loads_every_entry_in_order(baked: tuple[Path, Path, Path]) -> None:
+    _root, out, key = baked
+    base = _load(out, key)
+    paths = list(base.paths())
+    assert paths[:3] == ["/", "/etc", "/etc/machine-id"]
+    assert len(base) == base.statement["entries"] == len(paths)
+    assert [e.path for e in base] == paths
+    assert base.get("/usr/lib/libx.so") is not None
+    assert base.get("/usr/lib/libx.so").target == "libx.so.1"  # type: ignore[union-attr]
+    assert base.get("/nope") is None and "/etc/shadow" in base
+    assert base.policy.name == "test-image"
+    assert base.statement["key_id"] == key_id(keys.public_raw(keys.load_private(key).public_key()))
+    assert read_head(out).statement == base.statement
+    assert read_statement(out) == base.statement  # the wire module reads the same first line
+
+
+def test_baking_twice_gives_the_same_bytes_but_the_time(baked: tuple[Path, Path, Path]) -> None:
+    root, out, key = baked
+    again = out.with_name("again.gz")
+    bake(root, write_policy(out.parent), again, key=key)
+    first, second = (gzip.decompress(p.read_bytes()).split(b"\n") for p in (out, again))
+    assert first[1:] == second[1:]
+    one, two = json.loads(first[0]), json.loads(second[0])
+    assert {k for k in one if one[k] != two[k]} <= {"created", "sig"}
+    raw = again.read_bytes()
+    assert raw[:2] == b"\x1f\x8b" and raw[4:8] == b"\0\0\0\0"  # gzip header mtime 0
+
+
+def test_merkle_root_ignores_hints_and_subtrees_point_at_changes(
+    baked: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    root, out, key = baked
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(root), str(copy)], check=True)  # new inodes and ctimes
+    copied = tmp_path / "copy.gz"
+    bake(copy, write_policy(tmp_path), copied, key=key)
+    base, other = _load(out, key), _load(copied, key)
+    assert base.statement["root"] == other.statement["root"]
+    assert base.statement["hints_digest"] != other.statement["hints_digest"]
+
+    at(copy, "/usr/share/doc/readme").write_text("changed\n")
+    bake(copy, write_policy(tmp_path), copied, key=key)
+    changed = _load(copied, key)
+    assert changed.statement["root"] != base.statement["root"]
+    differ = [p for p in base.paths() if base.subtree_digest(p) != changed.subtree_digest(p)]
+    assert differ == ["/", "/usr", "/usr/share", "/usr/share/doc"]  # descend to the change
+
+
+def _rewrite(out: Path, edit: object) -> None:
+    lines = gzip.decompress(out.read_bytes()).decode().split("\n")
+    assert callable(edit)
+    edit(lines)
+    out.write_bytes(gzip.compress("\n".join(lines).encode()))
+
+
+def _swap_two_entries(lines: list[str]) -> None:
+    lines[3], lines[4] = lines[4], lines[3]
+
+
+def _duplicate_entry(lines: list[str]) -> None:
+    lines.insert(3, lines[3])
+
+
+def _change_policy(lines: list[str]) -> None:
+    lines[1] = json.dumps({"policy": json.loads(lines[1])["policy"].replace("critical", "mutable")})
+
+
+def _add_package(lines: list[str]) -> None:
+    section = json.loads(lines[-2])
+    section["packages"].append({"name": "evil", "version": "1", "arch": "all"})
+    lines[-2] = json.dumps(section)
+
+
+def _add_line(lines: list[str]) -> None:
+    lines.insert(len(lines) - 1, '{"injected": true}')
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_swap_two_entries, "Merkle root"),
+        (_duplicate_entry, "entries where the statement says"),
+        (_change_policy, "embedded policy does not match"),
+        (_add_package, "package section does not match"),
+        (_add_line, "expected one package line"),
+    ],
+)
+def test_altered_manifest_is_untrusted_even_without_a_key(
+    baked: tuple[Path, Path, Path], edit: object, message: str
+) -> None:
+    _root, out, _key = baked
+    _rewrite(out, edit)
+    with pytest.raises(UntrustedError, match=message):
+        load_baseline(out)
+
+
+def test_wrong_key_unsigned_and_forged_statement_are_untrusted(
+    baked: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    root, out, key = baked
+    other = make_key(tmp_path, "other.key")
+    with pytest.raises(UntrustedError, match="not by the configured key"):
+        _load(out, other)
+    unsigned = tmp_path / "unsigned.gz"
+    bake(root, write_policy(tmp_path), unsigned)
+    with pytest.raises(UntrustedError, match="not signed"):
+        _load(unsigned, key)
+    load_baseline(unsigned)  # without a key an unsigned manifest is read (and said so by check)
+
+    def forge(lines: list[str]) -> None:
+        statement = json.loads(lines[0])
+        statement["created"] = "2000-01-01T00:00:00.000000Z"
+        lines[0] = json.dumps(statement)
+
+    _rewrite(out, forge)
+    with pytest.raises(UntrustedError, match="does not verify"):
+        _load(out, key)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "truncated|not a readable"),
+        (b"plain text, not gzip", "not a readable manifest"),
+        (gzip.compress(b'{"format":"something-else"}\n{}\n'), "not a driftwarden manifest"),
+    ],
+)
+def test_unreadable_manifests_are_errors(tmp_path: Path, content: bytes, message: str) -> None:
+    bad = tmp_path / "bad.gz"
+    bad.write_bytes(content)
+    with pytest.raises(ManifestError, match=message):
+        load_baseline(bad)
+
+
+def test_truncated_manifest_is_refused(baked: tuple[Path, Path, Path]) -> None:
+    _root, out, _key = baked
+    data = out.read_bytes()
+    out.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ManifestError):
+        load_baseline(out)
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
+    root = build(tmp_path / "root")
+    shutil.rmtree(at(root, "/usr"))
+    missing = tmp_path / "no-such-dir" / "m.gz"
+    with pytest.raises(ManifestError, match="cannot write manifest"):
+        bake(root, write_policy(tmp_path), missing)
+    assert not missing.parent.exists()
