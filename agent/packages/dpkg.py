@@ -1,6 +1,6 @@
-"""dpkg's database, read as files: ``status`` (with the journal in ``updates/``),
-``diversions``, and the ``info/*.md5sums`` digests (those in ``dpkg_files``). dpkg itself is
-never run.
+"""dpkg's package database, read as files: ``status``, with the journal of ``updates/``
+applied. dpkg itself is never run. (The files each package owns, and their digests, are
+``dpkg_files``.)
 
 A package counts as present when its files are on disk: ``installed`` (also with triggers
 pending or awaited), and the half-done states ``half-installed``, ``unpacked`` and

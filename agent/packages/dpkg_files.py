@@ -132,8 +132,7 @@ def _info_file(image: ImageRoot, record: Record, suffix: str) -> tuple[str, byte
 def _owned(listed: tuple[str, bytes] | None) -> set[str] | None:
     if listed is None:
         return None
-    text = listed[1].decode("utf-8", "surrogateescape")
-    return {p for p in map(normalize, text.split("\n")) if p is not None}
+    return set(listed[1].decode("utf-8", "surrogateescape").split("\n"))  # as dpkg writes them
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,9 @@ def normalize(raw: str) -> str | None:
     that could leave the root (``..``), is empty, or holds a NUL."""
     if "\0" in raw:
         return None
+    if "//" not in raw and "/." not in "/" + raw:  # the common case: nothing to fold
+        stripped = raw.strip("/")
+        return "/" + stripped if stripped else None
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
         return None
