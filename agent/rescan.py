@@ -146,7 +146,7 @@ class IoBudget:
         in no interval of ``w`` seconds are more than ``burst + rate * w`` bytes read."""
         if count > self.burst:
             raise ValueError(f"{count} bytes at once is more than the burst of {self.burst}")
-        while True:
+        while not interrupt.is_set():
             now = time.monotonic()
             self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
             self._last = now
@@ -155,8 +155,8 @@ class IoBudget:
                 self.total += count
                 self.history.append((now, count))
                 return True
-            if interrupt.wait((count - self._tokens) / self.rate):
-                return False
+            interrupt.wait((count - self._tokens) / self.rate)
+        return False
 
 
 def hash_budgeted(

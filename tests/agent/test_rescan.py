@@ -163,3 +163,24 @@ def test_runs_at_the_lowest_cpu_and_io_priority(tmp_path: Path) -> None:
         wait_until(lambda: _nice(tid) == 19, what="nice 19")
         wait_until(lambda: _ioprio(tid) == IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT, what="idle I/O")
     assert _nice(threading.get_native_id()) != 19  # only the rescan thread
+
+
+def test_a_requested_pass_interrupts_a_slow_rehash(tmp_path: Path) -> None:
+    img = image(tmp_path)
+    huge = 4 << 20
+    (img.root / "usr/lib/huge").write_bytes(os.urandom(huge))
+    img = image_rebaked(img, tmp_path)
+    others = sum(e.size for e in img.baseline if e.digest and e.path != "/usr/lib/huge")
+    chunk = 256 << 10
+    config = RescanConfig(
+        metadata_interval_s=3600,
+        full_rehash_period_s=0.001,
+        io_budget_mb_s=0.5,  # the big file alone takes 8 s
+        chunk_bytes=chunk,
+    )
+    with rescanning(img, config) as (rescanner, _found):
+        budget = rescanner.rehash.budget
+        wait_until(lambda: budget.total >= others + chunk, what="the big file to be begun")
+        rescanner.request("overflow")
+        wait_until(lambda: rescanner.passes == 1, what="the requested pass")
+        assert budget.total < others + huge  # the pass did not wait for the big file
