@@ -279,8 +279,14 @@ class FanotifyBackend:
 
     def start(self) -> None:
         self._fd = _init()
-        for full in self._filesystems():
-            self._mark(full)
+        for index, full in enumerate(self._filesystems()):
+            try:
+                self._mark(full)
+            except OSError as exc:
+                if index == 0:
+                    raise  # the root itself: no fanotify at all
+                log.warning("fanotify_mark_failed", path=full, error=advice(exc))
+                self.sink.unwatched(NAME, "watch_failed", f"fanotify_mark {full}: {advice(exc)}")
         if not self._mount_fds:
             raise OSError(errno.ENOENT, "no file system to mark under the policy's roots")
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)

@@ -191,7 +191,7 @@ class Guard(Worker):
         self.backend: Backend | None = None
         self.overflows = 0
         self._unwatched = 0
-        self._limited = False
+        self._degraded_for: set[str] = set()
 
     @property
     def backend_name(self) -> str:
@@ -301,19 +301,21 @@ class Guard(Worker):
 
     def _unwatched_parts(self, parts: list[tuple[str, str, str]]) -> None:
         self._unwatched += len(parts)
-        backend, reason, detail = parts[0]
-        if reason == "watch_limit":
-            if self._limited:
-                return
-            self._limited = True
-            text = (
-                f"{LIMIT_ADVICE}; {len(parts)} director{'y' if len(parts) == 1 else 'ies'} "
-                f"not watched (first: {detail}); falling back to frequent rescans"
-            )
-        else:
-            text = f"{detail}; falling back to frequent rescans"
-        log.error("guard_unwatched", backend=backend, reason=reason, detail=text)
-        self._degrade(reason, text)
+        for reason in dict.fromkeys(r for _b, r, _d in parts):
+            if reason in self._degraded_for:
+                continue  # reported already; the count goes on in health()
+            self._degraded_for.add(reason)
+            same = [(b, d) for b, r, d in parts if r == reason]
+            backend, detail = same[0]
+            if reason == "watch_limit":
+                text = (
+                    f"{LIMIT_ADVICE}; {len(same)} director{'y' if len(same) == 1 else 'ies'} "
+                    f"not watched (first: {detail}); falling back to frequent rescans"
+                )
+            else:
+                text = f"{detail}; falling back to frequent rescans"
+            log.error("guard_unwatched", backend=backend, reason=reason, detail=text)
+            self._degrade(reason, text)
 
     def _degrade(self, reason: str, detail: str) -> None:
         self.emit("integrity", [integrity_finding(reason, detail)])
