@@ -36,7 +36,7 @@ import structlog
 
 from agent.errors import advice
 from agent.judge import Judge
-from agent.measure import measure_path, wants_content
+from agent.measure import measure_path
 from agent.wire import display_path, utc_now
 from agent.worker import Emit, Worker, integrity_finding
 
@@ -258,7 +258,7 @@ class RollingRehash:
             if (
                 entry.type == "file"
                 and entry.digest is not None
-                and wants_content(policy, entry.path)
+                and policy.wants_content(entry.path)
             ):
                 paths.append(entry.path)
                 total += entry.size
