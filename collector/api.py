@@ -1,0 +1,237 @@
+"""The HTTP API (FastAPI on uvicorn): agent ingest, SRE reads and actions, health, metrics.
+
+Every refusal — ours, FastAPI's validation, Starlette's 404 and 405, a database outage, an
+internal error — is answered in the one error envelope ``wire.error_body`` (a test checks every
+error response). The OpenAPI description is served at ``/openapi.json`` (viewer token).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agent import wire
+from collector import auth, silence, sre
+from collector.config import Config
+from collector.errors import Refused, StoreError
+from collector.handlers import default_registry
+from collector.ingest import Ingestor
+from collector.jobs import Registry, Worker, WorkerThread
+from collector.metrics import CONTENT_TYPE, Metrics
+from collector.model import Role
+from collector.services import Services, services
+from collector.store import SqlStore, open_store
+
+log = structlog.get_logger(__name__)
+
+VERSION: Final = "0.1.0"
+WEB_PAGE: Final = Path(__file__).resolve().parent / "web" / "index.html"
+_HTTP_CODES: Final = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+_ENVELOPE_SCHEMA: Final = {
+    "type": "object",
+    "description": "a signed envelope (agent.wire.make_envelope); see docs/protocol.md",
+}
+_REPORTS_BODY: Final = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["host_id", "envelopes"],
+                    "properties": {
+                        "host_id": {"type": "string"},
+                        "envelopes": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": wire.MAX_BATCH_ENVELOPES,
+                            "items": _ENVELOPE_SCHEMA,
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+_ENROLL_BODY: Final = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": "agent.wire.make_enrollment: token, host_id, public_key, "
+                    "facts, time, sig",
+                }
+            }
+        },
+    }
+}
+
+
+def error_response(status: int, code: str, message: str, **details: Any) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 and code == "unauthorized" else None
+    return JSONResponse(wire.error_body(code, message, **details), status, headers=headers)
+
+
+async def read_json(request: Request, limit: int, metrics: Metrics) -> Any:
+    """The request body as JSON, refused (413) past ``limit`` bytes before anything is
+    parsed."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        metrics.rejected("too_large")
+        raise Refused(413, "too_large", f"body is {declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            metrics.rejected("too_large")
+            raise Refused(413, "too_large", f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        metrics.rejected("malformed")
+        raise Refused(400, "malformed", f"body is not JSON: {exc}") from exc
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def refused(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Refused)
+        return error_response(exc.status, exc.code, str(exc), **exc.details)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    async def invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = [
+            {"loc": [str(part) for part in e.get("loc", ())], "msg": e.get("msg", "")}
+            for e in exc.errors()
+        ]
+        return error_response(422, "invalid_request", "the request is not valid", errors=errors)
+
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        log.error("store_unavailable", path=request.url.path, error=str(exc))
+        return error_response(503, "unavailable", "the database is unavailable; retry")
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.exception("internal_error", path=request.url.path, exc_info=exc)
+        return error_response(500, "internal", "internal error; see the collector's log")
+
+    app.add_exception_handler(Refused, refused)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(StoreError, unavailable)
+    app.add_exception_handler(Exception, internal)
+
+
+def create_app(
+    config: Config, *, store: SqlStore | None = None, registry: Registry | None = None
+) -> FastAPI:
+    """The application. With ``store`` the caller owns it; else it is opened (and migrated)
+    at start and closed at shutdown. Job workers run when ``[server] workers`` is true."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = store is None
+        opened = store or open_store(config.database.url, pool_size=config.database.pool_size)
+        metrics = Metrics(opened)
+        app.state.services = Services(config, opened, metrics, Ingestor(opened, config, metrics))
+        worker: WorkerThread | None = None
+        try:
+            if config.server.workers:
+                silence.schedule(opened)
+                jobs = registry or default_registry(opened, config)
+                worker = WorkerThread(Worker(opened, jobs, config.jobs))
+                worker.start()
+            log.info("collector_started", backend=opened.backend, config=config.source)
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+            if own:
+                opened.close()
+            log.info("collector_stopped")
+
+    app = FastAPI(
+        title="driftwarden collector",
+        version=VERSION,
+        description="Drift reports in, fleet verdicts out. See docs/api.md.",
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    _install_error_handlers(app)
+    _public_routes(app)
+    _agent_routes(app)
+    app.include_router(sre.router)
+
+    @app.get("/openapi.json", tags=["meta"], dependencies=[Depends(auth.require(Role.VIEWER))])
+    def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    return app
+
+
+def _public_routes(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["meta"])
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["meta"], response_model=None)
+    def readyz(request: Request) -> dict[str, Any] | Response:
+        """Readiness: the database answers and its schema is current."""
+        store = services(request).store
+        try:
+            current, head = store.schema_revision()
+        except StoreError as exc:
+            return error_response(503, "not_ready", f"database unavailable: {exc}")
+        if current != head:
+            return error_response(503, "not_ready", f"schema at {current}, expected {head}")
+        return {"status": "ready", "backend": store.backend, "schema": current}
+
+    @app.get("/metrics", tags=["meta"], dependencies=[Depends(auth.metrics_guard)])
+    def metrics(request: Request) -> Response:
+        """Prometheus metrics (viewer token unless ``[server] metrics_public``)."""
+        return Response(services(request).metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/", tags=["meta"], response_class=HTMLResponse)
+    def web_page() -> HTMLResponse:
+        """The fleet page. It holds no data: it asks for a token and reads the API."""
+        return HTMLResponse(WEB_PAGE.read_text(encoding="utf-8"))
+
+
+def _agent_routes(app: FastAPI) -> None:
+    @app.post("/v1/enroll", tags=["agent"], openapi_extra=_ENROLL_BODY, status_code=201)
+    async def enroll(request: Request) -> JSONResponse:
+        """Register a host's key with an enrollment token (idempotent for the same key)."""
+        svc = services(request)
+        body = await read_json(request, svc.config.server.max_body_bytes, svc.metrics)
+        result = await run_in_threadpool(svc.ingestor.enroll, body)
+        return JSONResponse(result.body, result.status)
+
+    @app.post("/v1/reports", tags=["agent"], openapi_extra=_REPORTS_BODY)
+    async def reports(request: Request) -> dict[str, Any]:
+        """A batch of signed envelopes; answered only after it is committed."""
+        svc = services(request)
+        body = await read_json(request, svc.config.server.max_body_bytes, svc.metrics)
+        with svc.metrics.ingest_seconds.time():
+            result: dict[str, Any] = await run_in_threadpool(svc.ingestor.reports, body)
+        return result

@@ -1,0 +1,186 @@
+"""Reading envelope bodies: check each kind's documented shape (docs/protocol.md) and say
+what it means for the host — observations for the state machine, findings to keep, and host
+facts to update. Pure: nothing here touches the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from agent import wire
+from collector.model import Finding
+from collector.verdicts import Observation, Signal
+
+MAX_EVIDENCE_ITEMS: Final = 20
+_PREVIOUS_STOPS: Final = ("clean", "unclean", "first")
+
+
+@dataclass(frozen=True)
+class BootImage:
+    """What a boot report says about the image, to check against the registered one."""
+
+    build_id: str
+    baseline_root: str
+    measured_root: str
+
+
+@dataclass(frozen=True)
+class Reading:
+    observations: list[Observation] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    host_values: dict[str, Any] = field(default_factory=dict)
+    boot: BootImage | None = None
+
+
+def required(obj: Mapping[str, Any], key: str, typ: type, seq: int | None = None) -> Any:
+    """``obj[key]`` if it is a ``typ`` (a bool is not an int here); else MalformedError."""
+    value = obj.get(key)
+    if (isinstance(value, bool) and typ is not bool) or not isinstance(value, typ):
+        raise wire.MalformedError(f"{key!r} is missing or not a {typ.__name__}", seq=seq)
+    return value
+
+
+def optional(obj: Mapping[str, Any], key: str, typ: type, seq: int | None = None) -> Any:
+    return None if obj.get(key) is None else required(obj, key, typ, seq)
+
+
+def image_values(image: Mapping[str, Any], seq: int | None = None) -> dict[str, Any]:
+    """The host columns an ``image`` object (enroll facts, agent_start) sets."""
+    return {
+        "image_build_id": required(image, "build_id", str, seq),
+        "image_root": required(image, "root", str, seq),
+        "cloud_image_id": optional(image, "cloud_image_id", str, seq),
+    }
+
+
+def read(env: wire.Envelope, *, now: datetime) -> Reading:
+    """Check ``env``'s body for its kind; raise ``wire.MalformedError`` if it is not that."""
+    reader = _READERS.get(env.kind)
+    if reader is None:
+        raise wire.MalformedError(f"kind {env.kind!r} is not a report", seq=env.seq)
+    return reader(env, now)
+
+
+def _agent_start(env: wire.Envelope, now: datetime) -> Reading:
+    body, seq = env.body, env.seq
+    previous = required(body, "previous_stop", str, seq)
+    if previous not in _PREVIOUS_STOPS:
+        raise wire.MalformedError(
+            f"previous_stop {previous!r} is not one of {_PREVIOUS_STOPS}", seq=seq
+        )
+    values: dict[str, Any] = {
+        "agent_version": required(body, "version", str, seq),
+        "boot_id": env.boot_id,
+    }
+    if body.get("image") is not None:
+        values.update(image_values(required(body, "image", dict, seq), seq))
+    observations = [Observation(Signal.ALIVE, "report")]
+    if previous == "unclean":
+        evidence = {"seq": seq, "previous_stop": previous, "pid": body.get("pid")}
+        observations.append(Observation(Signal.SUSPECT, "unclean_stop", evidence))
+    return Reading(observations, [], values)
+
+
+def _boot(env: wire.Envelope, now: datetime) -> Reading:
+    body, seq = env.body, env.seq
+    baseline = required(body, "baseline", dict, seq)
+    measured = required(body, "measured_root", str, seq)
+    clean = required(body, "clean", bool, seq)
+    found = _findings(env, required(body, "findings", list, seq), "boot", now)
+    boot = BootImage(
+        build_id=required(baseline, "build_id", str, seq),
+        baseline_root=required(baseline, "root", str, seq),
+        measured_root=measured,
+    )
+    observations = [Observation(Signal.ALIVE, "report")]
+    drift = [f for f in found if f.drift]
+    if drift or not clean:
+        observations.append(Observation(Signal.DRIFT, "drift", _evidence(seq, drift)))
+    else:
+        observations.append(Observation(Signal.BOOT_CLEAN, "boot_clean", {"seq": seq}))
+    values = {"measured_root": measured, "boot_id": env.boot_id}
+    return Reading(observations, found, values, boot)
+
+
+def _finding(env: wire.Envelope, now: datetime) -> Reading:
+    body, seq = env.body, env.seq
+    source = required(body, "source", str, seq)
+    found = _findings(env, required(body, "findings", list, seq), source, now)
+    observations = [Observation(Signal.ALIVE, "report")]
+    drift = [f for f in found if f.drift]
+    if drift:
+        observations.append(Observation(Signal.DRIFT, "drift", _evidence(seq, drift)))
+    for login in found:
+        if (
+            login.type == "login"
+            and login.detail.get("event") == "accepted"
+            and login.detail.get("verdict") == "taint"
+        ):
+            keep = ("user", "method", "source_ip", "source_port", "fingerprint", "key_id", "at")
+            evidence = {"seq": seq, **{k: login.detail.get(k) for k in keep}}
+            observations.append(Observation(Signal.LOGIN, "login", evidence))
+    return Reading(observations, found)
+
+
+def _heartbeat(env: wire.Envelope, now: datetime) -> Reading:
+    health = required(env.body, "health", dict, env.seq)
+    return Reading([Observation(Signal.ALIVE, "report")], [], {"health": health})
+
+
+def _agent_stop(env: wire.Envelope, now: datetime) -> Reading:
+    required(env.body, "reason", str, env.seq)
+    return Reading([Observation(Signal.ALIVE, "report")])
+
+
+_READERS: Final = {
+    "agent_start": _agent_start,
+    "boot": _boot,
+    "finding": _finding,
+    "heartbeat": _heartbeat,
+    "agent_stop": _agent_stop,
+}
+
+
+def _findings(env: wire.Envelope, items: list[Any], source: str, now: datetime) -> list[Finding]:
+    out: list[Finding] = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise wire.MalformedError("a finding is not an object", seq=env.seq)
+        kind = required(item, "type", str, env.seq)
+        severity = item.get("severity", "warning")
+        if severity not in wire.SEVERITIES:
+            raise wire.MalformedError(
+                f"severity {severity!r} is not one of {wire.SEVERITIES}", seq=env.seq
+            )
+        drift = optional(item, "drift", bool, env.seq) or False
+        path = optional(item, "path", str, env.seq)
+        if path is None and kind == "package":
+            path = optional(item, "package", str, env.seq) or optional(item, "name", str, env.seq)
+        out.append(
+            Finding(
+                host_id=env.host_id,
+                seq=env.seq,
+                source=source,
+                type=kind,
+                severity=severity,
+                drift=drift,
+                path=wire.display_path(wire.decode_path(path)) if path else None,
+                at=now,
+                detail=item,
+            )
+        )
+    return out
+
+
+def _evidence(seq: int, drift: list[Finding]) -> dict[str, Any]:
+    return {
+        "seq": seq,
+        "count": len(drift),
+        "findings": [
+            {"type": f.type, "path": f.path, "severity": f.severity}
+            for f in drift[:MAX_EVIDENCE_ITEMS]
+        ],
+    }

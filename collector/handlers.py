@@ -1,0 +1,16 @@
+"""The job handlers the collector runs, by kind, in one registry (built-ins use it too)."""
+
+from __future__ import annotations
+
+from collector import silence
+from collector.config import Config
+from collector.jobs import Registry
+from collector.store import Store
+
+
+def default_registry(store: Store, config: Config) -> Registry:
+    """The built-in handlers: the periodic silence sweep. Alert and replacement handlers
+    (kinds ``alert`` and ``replace``) register here too."""
+    registry = Registry()
+    registry.register(silence.SWEEP, silence.handler(store, config.verdicts))
+    return registry

@@ -1,0 +1,252 @@
+"""Ingest: enrollment, and batches of signed envelopes (docs/protocol.md).
+
+A batch is parsed and its signatures verified first, then its chain checked and everything it
+causes (envelopes, findings, transitions, jobs) written in ONE transaction; the answer is sent
+only after that commits, so an acknowledged envelope is never lost. Any refusal rolls the whole
+batch back and names the envelope (``index``, ``seq``) and the chain tip the collector holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent import wire
+from collector import bodies, transitions
+from collector.auth import token_hash
+from collector.config import Config
+from collector.errors import Refused
+from collector.metrics import Metrics
+from collector.model import Host, HostState
+from collector.store import Store, Tx
+from collector.verdicts import Observation, Signal
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    status: int
+    body: dict[str, Any]
+
+
+class Ingestor:
+    def __init__(self, store: Store, config: Config, metrics: Metrics) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+
+    # --- enrollment ------------------------------------------------------------------------
+
+    def enroll(self, request: Any) -> Enrolled:
+        try:
+            host_id, raw_key, facts = wire.verify_enrollment(
+                request, Ed25519PublicKey.from_public_bytes
+            )
+            values = _facts(facts)
+        except wire.WireError as exc:
+            raise self._refuse(400, exc.code, str(exc)) from exc
+        key_id = wire.key_id(raw_key)
+        with self.store.transaction() as tx:
+            host = tx.lock_host(host_id)
+            if host is not None and host.key_id == key_id:
+                tx.update_host(host_id, values)
+                status = 200  # the same key again: idempotent, the token is not spent again
+            else:
+                if not tx.use_enroll_token(token_hash(request["token"])):
+                    raise self._refuse(
+                        401, "bad_token", "unknown, expired, used up or revoked enrollment token"
+                    )
+                tx.add_key(host_id, key_id, raw_key)
+                if host is None:
+                    self._new_host(tx, host_id, key_id, raw_key, values)
+                else:
+                    self._key_changed(tx, host, key_id, raw_key, values)
+                status = 201
+            tip = tx.key_tip(host_id, key_id) or wire.ChainState()
+        log.info("host_enrolled", host_id=host_id, key_id=key_id, status=status)
+        return Enrolled(
+            status, {"host_id": host_id, "last_seq": tip.last_seq, "last_digest": tip.last_digest}
+        )
+
+    def _new_host(
+        self, tx: Tx, host_id: str, key_id: str, raw_key: bytes, values: Mapping[str, Any]
+    ) -> None:
+        tx.insert_host(
+            host_id,
+            {
+                "state": HostState.ENROLLED.value,
+                "state_since": tx.now,
+                "state_cause": "enrolled",
+                "key_id": key_id,
+                "public_key": raw_key,
+                "enrolled_at": tx.now,
+                "envelopes": 0,
+                "health": {},
+                **values,
+            },
+        )
+        host = tx.lock_host(host_id)
+        assert host is not None
+        evidence = {"key_id": key_id, "image": host.image_build_id}
+        transitions.record(
+            tx, host, HostState.ENROLLED, "enrolled", evidence, actor="enrollment", initial=True
+        )
+
+    def _key_changed(
+        self, tx: Tx, host: Host, key_id: str, raw_key: bytes, values: Mapping[str, Any]
+    ) -> None:
+        tx.update_host(host.host_id, {"key_id": key_id, "public_key": raw_key, **values})
+        evidence = {"old_key_id": host.key_id, "new_key_id": key_id}
+        log.warning("host_key_changed", host_id=host.host_id, **evidence)
+        transitions.apply(
+            tx, host, Observation(Signal.SUSPECT, "key_changed", evidence), actor="enrollment"
+        )
+
+    # --- reports -----------------------------------------------------------------------------
+
+    def reports(self, request: Any) -> dict[str, Any]:
+        host_id, batch = self._parse(request)
+        host = self.store.host(host_id)
+        if host is None:
+            raise self._refuse(404, "unknown_host", f"host {host_id!r} is not enrolled; enroll")
+        self._verify(host, batch)
+        with self.store.transaction() as tx:
+            locked = tx.lock_host(host_id)
+            assert locked is not None
+            if locked.key_id != host.key_id:  # re-enrolled with a new key meanwhile
+                self._verify(locked, batch)
+            acks, tip = self._commit(tx, locked, batch)
+        for (env, _), ack in zip(batch, acks, strict=True):
+            self.metrics.envelope(env.kind, ack["status"])
+        return {"acks": acks, "last_seq": tip.last_seq, "last_digest": tip.last_digest}
+
+    def _parse(self, request: Any) -> tuple[str, list[tuple[wire.Envelope, bodies.Reading]]]:
+        if not isinstance(request, dict) or set(request) != {"host_id", "envelopes"}:
+            raise self._refuse(400, "malformed", "body must be {'host_id', 'envelopes'}")
+        host_id, items = request["host_id"], request["envelopes"]
+        if not isinstance(host_id, str) or not isinstance(items, list):
+            raise self._refuse(400, "malformed", "host_id must be a string, envelopes a list")
+        if not 1 <= len(items) <= wire.MAX_BATCH_ENVELOPES:
+            raise self._refuse(
+                400,
+                "malformed",
+                f"a batch holds 1 to {wire.MAX_BATCH_ENVELOPES} envelopes, not {len(items)}",
+            )
+        batch = []
+        for index, item in enumerate(items):
+            try:
+                env = wire.parse_envelope(item)
+                if env.host_id != host_id:
+                    raise wire.MalformedError(
+                        f"envelope is for host {env.host_id!r}, batch for {host_id!r}", seq=env.seq
+                    )
+                reading = bodies.read(env, now=self.store.clock())
+            except wire.WireError as exc:
+                raise self._refuse(400, exc.code, str(exc), index=index, seq=exc.seq) from exc
+            batch.append((env, reading))
+        return host_id, batch
+
+    def _verify(self, host: Host, batch: list[tuple[wire.Envelope, bodies.Reading]]) -> None:
+        key = Ed25519PublicKey.from_public_bytes(host.public_key)
+        for index, (env, _) in enumerate(batch):
+            try:
+                wire.verify_signature(env, key)
+            except wire.WireError as exc:
+                raise self._refuse(401, exc.code, str(exc), index=index, seq=env.seq) from exc
+
+    def _commit(
+        self, tx: Tx, host: Host, batch: list[tuple[wire.Envelope, bodies.Reading]]
+    ) -> tuple[list[dict[str, Any]], wire.ChainState]:
+        stored = tx.key_tip(host.host_id, host.key_id) or wire.ChainState()
+        tip = wire.ChainState(stored.last_seq, stored.last_digest)
+        acks: list[dict[str, Any]] = []
+        values: dict[str, Any] = {}
+        accepted = 0
+        for index, (env, reading) in enumerate(batch):
+            known = None
+            if env.seq < tip.last_seq:
+                known = tx.stored_digest(host.host_id, host.key_id, env.seq)
+            try:
+                link = tip.link(env, known_digest=known)
+            except wire.GapError:
+                evidence = {"expected": tip.last_seq + 1, "got": env.seq}
+                log.warning("sequence_gap", host_id=host.host_id, **evidence)
+                host = transitions.apply(
+                    tx, host, Observation(Signal.SUSPECT, "sequence_gap", evidence)
+                )
+                link = wire.Link.NEXT
+            except wire.ChainError as exc:
+                raise self._refuse(
+                    409,
+                    exc.code,
+                    str(exc),
+                    index=index,
+                    seq=env.seq,
+                    last_seq=stored.last_seq,
+                    last_digest=stored.last_digest,
+                ) from exc
+            if link is wire.Link.DUPLICATE:
+                acks.append({"seq": env.seq, "status": "duplicate"})
+                continue
+            tx.add_envelope(host.host_id, host.key_id, env)
+            tip.advance(env)
+            accepted += 1
+            host = self._judge(tx, host, reading)
+            values.update(reading.host_values)
+            acks.append({"seq": env.seq, "status": "accepted"})
+        tx.set_tip(host.host_id, host.key_id, tip)
+        tx.update_host(
+            host.host_id,
+            {**values, "last_seen_at": tx.now, "envelopes": host.envelopes + accepted},
+        )
+        return acks, tip
+
+    def _judge(self, tx: Tx, host: Host, reading: bodies.Reading) -> Host:
+        tx.add_findings(reading.findings)
+        observations = list(reading.observations)
+        if reading.boot is not None:
+            observations.extend(self._image_check(tx, reading.boot))
+        for observation in observations:
+            host = transitions.apply(tx, host, observation)
+        return host
+
+    def _image_check(self, tx: Tx, boot: bodies.BootImage) -> list[Observation]:
+        """A boot on an image nobody registered, or on a baseline that is not the registered
+        one, is drift: the authoritative baseline lives here, not on the host."""
+        image = tx.image(boot.build_id)
+        if image is None:
+            if not self.config.images.require_registered:
+                return []
+            evidence = {"build_id": boot.build_id, "baseline_root": boot.baseline_root}
+            return [Observation(Signal.DRIFT, "image_unregistered", evidence)]
+        if boot.baseline_root != image.root:
+            evidence = {
+                "build_id": boot.build_id,
+                "registered_root": image.root,
+                "baseline_root": boot.baseline_root,
+            }
+            return [Observation(Signal.DRIFT, "baseline_mismatch", evidence)]
+        return []
+
+    def _refuse(self, status: int, code: str, message: str, **details: Any) -> Refused:
+        self.metrics.rejected(code)
+        details = {k: v for k, v in details.items() if v is not None}
+        log.info("report_refused", status=status, code=code, reason=message, **details)
+        return Refused(status, code, message, **details)
+
+
+def _facts(facts: Mapping[str, Any]) -> dict[str, Any]:
+    """The host columns enrollment facts set; the shape is checked (400 malformed)."""
+    return {
+        "hostname": bodies.required(facts, "hostname", str),
+        "boot_id": bodies.required(facts, "boot_id", str),
+        "agent_version": bodies.required(facts, "agent_version", str),
+        "pool": bodies.optional(facts, "pool", str),
+        "facts": dict(facts),
+        **bodies.image_values(bodies.required(facts, "image", dict)),
+    }

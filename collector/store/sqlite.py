@@ -1,0 +1,62 @@
+"""The SQLite backend: one file, WAL, a busy timeout, zero set-up.
+
+Every write transaction is ``BEGIN IMMEDIATE``: it takes the database's one write lock at once
+(waiting up to the busy timeout), so two writers never deadlock upgrading a read lock, and a
+job claim or an ingest is a single-writer transaction. ``synchronous=FULL``: a commit is on
+disk before the API acknowledges it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from sqlalchemy import Connection, Insert, Table, create_engine, event
+from sqlalchemy.dialects.sqlite import insert
+from sqlalchemy.engine import URL
+
+from collector.errors import ConfigError
+from collector.store.sql import SqlStore
+
+BUSY_TIMEOUT_MS = 30_000
+
+
+class SqliteStore(SqlStore):
+    backend: ClassVar[str] = "sqlite"
+
+    def insert(self, table: Table) -> Insert:
+        return insert(table)
+
+
+def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None  # the driver must not begin on its own
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+    finally:
+        cursor.close()
+
+
+def _on_begin(conn: Connection) -> None:
+    write = conn.get_execution_options().get("driftwarden_write", True)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def open_store(url: URL, *, pool_size: int) -> SqliteStore:
+    if url.drivername not in ("sqlite", "sqlite+pysqlite"):
+        raise ConfigError(f"unsupported SQLite driver {url.drivername!r}; use sqlite:///PATH")
+    if not url.database or url.database == ":memory:":
+        raise ConfigError("the SQLite database must be a file: sqlite:///PATH")
+    Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        url.set(drivername="sqlite+pysqlite"),
+        connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        pool_size=pool_size,
+        max_overflow=pool_size,
+    )
+    event.listen(engine, "connect", _on_connect)
+    event.listen(engine, "begin", _on_begin)
+    return SqliteStore(engine, display_url=url.render_as_string(hide_password=True))

@@ -1,0 +1,158 @@
+"""Job workers: handlers by kind, retries with backoff, dead jobs, periodic jobs, and the
+silence sweep that runs as one."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+
+import pytest
+from structlog.testing import capture_logs
+
+from collector import silence
+from collector.config import JobConfig, VerdictConfig
+from collector.jobs import Registry, Worker, WorkerThread, backoff
+from collector.model import HostState, Job, JobSpec, JobState
+from collector.store import SqlStore
+from tests.collector.clock import T0, Clock
+from tests.collector.hosts import add_host
+
+
+def test_registry_refuses_a_second_handler() -> None:
+    registry = Registry()
+    registry.register("alert", lambda job: None)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("alert", lambda job: None)
+
+
+def test_backoff_grows_with_jitter_and_a_cap() -> None:
+    config = JobConfig(backoff_base_s=2, backoff_cap_s=60)
+    for attempts, top in ((1, 2), (2, 4), (3, 8), (10, 60)):
+        delay = backoff(attempts, config)
+        assert top / 2 <= delay <= top
+
+
+def test_worker_runs_retries_and_buries(store: SqlStore, clock: Clock) -> None:
+    calls: list[str] = []
+
+    def deliver(job: Job) -> None:
+        calls.append(job.dedup_key)
+        if job.payload.get("fail"):
+            raise ConnectionError("sink down")
+
+    registry = Registry()
+    registry.register("alert", deliver)
+    worker = Worker(store, registry, JobConfig(max_attempts=2), name="w1")
+    store.enqueue(JobSpec("alert", "ok", {}))
+    store.enqueue(JobSpec("alert", "bad", {"fail": True}))
+    store.enqueue(JobSpec("other", "x", {}))  # no handler here: left for another worker
+    with capture_logs() as logs:
+        assert worker.run_once() == 2
+    assert {j.dedup_key: j.state for j in store.jobs()} == {
+        "ok": JobState.DONE,
+        "bad": JobState.PENDING,
+        "x": JobState.PENDING,
+    }
+    failed = next(e for e in logs if e["event"] == "job_failed")
+    assert failed["error"] == "ConnectionError: sink down" and failed["attempts"] == 1
+    assert worker.run_once() == 0  # not due yet: backing off
+    clock.advance(3600)
+    with capture_logs() as logs:
+        assert worker.run_once() == 1
+    assert [e["event"] for e in logs] == ["job_dead"]
+    [dead] = store.jobs(state="dead")
+    assert dead.dedup_key == "bad" and dead.last_error == "ConnectionError: sink down"
+    assert calls == ["ok", "bad", "bad"]
+
+
+def test_periodic_job_reschedules_itself(store: SqlStore, clock: Clock) -> None:
+    registry = Registry()
+    registry.register("tick", lambda job: clock.now + timedelta(seconds=10))
+    worker = Worker(store, registry, JobConfig(), name="w1")
+    store.enqueue(JobSpec("tick", "tick", {}))
+    assert worker.run_once() == 1
+    [job] = store.jobs()
+    assert (job.state, job.next_attempt_at, job.attempts) == (
+        JobState.PENDING,
+        T0 + timedelta(seconds=10),
+        0,
+    )
+    assert worker.run_once() == 0
+    clock.advance(10)
+    assert worker.run_once() == 1
+
+
+def test_worker_thread_stops_in_order(store: SqlStore) -> None:
+    ran = threading.Event()
+
+    def handler(job: Job) -> datetime | None:
+        ran.set()
+        return None
+
+    registry = Registry()
+    registry.register("alert", handler)
+    store.enqueue(JobSpec("alert", "a", {}))
+    thread = WorkerThread(Worker(store, registry, JobConfig(poll_interval_s=0.05)))
+    thread.start()
+    assert ran.wait(10)
+    thread.stop()
+    assert store.jobs()[0].state is JobState.DONE
+
+
+# --- the silence sweep -------------------------------------------------------------------
+
+VERDICTS = VerdictConfig(heartbeat_interval_s=30, silent_after_intervals=3, fleet_silent_percent=50)
+
+
+def test_a_quiet_host_goes_silent_and_comes_back(store: SqlStore, clock: Clock) -> None:
+    for n in range(6):
+        add_host(store, f"h{n}")
+    clock.advance(60)
+    with store.transaction() as tx:  # the others keep reporting
+        for n in range(1, 6):
+            tx.update_host(f"h{n}", {"last_seen_at": tx.now})
+    clock.advance(31)
+    result = silence.sweep(store, VERDICTS)
+    assert result.silenced == ["h0"]
+    host = store.host("h0")
+    assert host is not None and (host.state, host.resume_state) == (
+        HostState.SILENT,
+        HostState.CLEAN,
+    )
+    assert [j.payload["severity"] for j in store.jobs(kind="alert")] == ["warning"]
+    assert silence.sweep(store, VERDICTS).silenced == []
+
+
+def test_many_hosts_silent_at_once_is_a_fleet_event(store: SqlStore, clock: Clock) -> None:
+    for n in range(10):
+        add_host(store, f"h{n}")
+    clock.advance(91)
+    result = silence.sweep(store, VERDICTS)
+    assert (result.silenced, result.fleet_silent) == ([], 10)
+    assert store.state_counts() == {"clean": 10}
+    [event] = store.fleet_events(open_only=True)
+    assert event.kind == "collector_or_network" and event.detail["silent_hosts"] == 10
+    [alert] = store.jobs(kind="alert")
+    assert alert.payload["scope"] == "fleet" and alert.payload["action"] == "firing"
+    silence.sweep(store, VERDICTS)
+    assert len(store.jobs(kind="alert")) == 1  # paged once
+    with store.transaction() as tx:
+        for n in range(10):
+            tx.update_host(f"h{n}", {"last_seen_at": tx.now})
+    silence.sweep(store, VERDICTS)
+    assert store.fleet_events(open_only=True) == []
+    assert [j.payload["action"] for j in store.jobs(kind="alert")] == ["firing", "resolve"]
+
+
+def test_sweep_runs_as_a_job(store: SqlStore, clock: Clock) -> None:
+    add_host(store, "h0")
+    registry = Registry()
+    registry.register(silence.SWEEP, silence.handler(store, VERDICTS))
+    silence.schedule(store)
+    silence.schedule(store)  # another replica: still one sweep job
+    assert len(store.jobs(kind=silence.SWEEP)) == 1
+    clock.advance(91)
+    assert Worker(store, registry, JobConfig()).run_once() == 1
+    assert store.host("h0").state is HostState.SILENT  # type: ignore[union-attr]
+    [job] = store.jobs(kind=silence.SWEEP)
+    assert job.next_attempt_at == clock.now + timedelta(seconds=VERDICTS.sweep_interval_s)
