@@ -1,0 +1,112 @@
+"""Real collector processes for tests: ``python -m collector serve`` on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = """
+[images]
+require_registered = false
+
+[log]
+level = "info"
+json = true
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    """One collector process; ``start`` returns once ``/readyz`` answers 200."""
+
+    def __init__(self, db_url: str, workdir: Path, *, name: str = "collector") -> None:
+        self.db_url = db_url
+        self.workdir = workdir
+        self.name = name
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 30.0) -> Server:
+        config = self.workdir / f"{self.name}.toml"
+        config.write_text(CONFIG)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "collector",
+                    "serve",
+                    "--config",
+                    str(config),
+                    "--db",
+                    self.db_url,
+                    "--listen",
+                    f"127.0.0.1:{self.port}",
+                ],
+                env=env,
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        with requests.Session() as session:
+            while time.monotonic() < deadline:
+                try:
+                    if session.get(self.url + "/readyz", timeout=1).status_code == 200:
+                        return
+                except requests.ConnectionError:
+                    pass
+                try:
+                    self.proc.wait(timeout=0.05)
+                except subprocess.TimeoutExpired:
+                    continue
+                raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()}")
+        raise TimeoutError(f"{self.name} not ready in {timeout_s}s:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush; what was committed must be all there is."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,142 @@
+"""Two collector replicas on one PostgreSQL: the same reports sent to both are processed
+once, and jobs are claimed once, even when a worker is killed holding a lease."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from collector import auth
+from collector.model import HostState, JobSpec, JobState
+from collector.store import SqlStore, open_store
+from tests.collector.conftest import wipe
+from tests.collector.hosts import SimHost, file_drift
+from tests.collector.servers import REPO, Server
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[SqlStore]:
+    store = open_store(pg_url, pool_size=4)
+    wipe(store)
+    try:
+        yield store
+    finally:
+        wipe(store)
+        store.close()
+
+
+def test_the_same_reports_at_two_replicas_are_processed_once(
+    pg_store: SqlStore, pg_url: str, tmp_path: Path
+) -> None:
+    token, _ = auth.create_enroll_token(pg_store)
+    with Server(pg_url, tmp_path, name="a") as a, Server(pg_url, tmp_path, name="b") as b:
+        hosts = [SimHost(f"rep-{n}") for n in range(4)]
+        for host in hosts:
+            assert requests.post(a.url + "/v1/enroll", json=host.enrollment(token)).ok
+        statuses: dict[tuple[str, int], list[str]] = {}
+        lock = threading.Lock()
+
+        def post(server: Server, batch: dict[str, object], gate: threading.Barrier) -> None:
+            gate.wait()
+            answer = requests.post(server.url + "/v1/reports", json=batch, timeout=30)
+            assert answer.status_code == 200, answer.text
+            with lock:
+                for ack in answer.json()["acks"]:
+                    statuses.setdefault((str(batch["host_id"]), ack["seq"]), []).append(
+                        ack["status"]
+                    )
+
+        for round_ in range(10):
+            batches = []
+            for host in hosts:
+                envs = [host.heartbeat() for _ in range(4)]
+                if round_ == 5:
+                    envs.append(host.finding(file_drift("/etc/sudoers")))
+                batches.append(host.batch(*envs))
+            gate = threading.Barrier(2 * len(batches))
+            threads = [
+                threading.Thread(target=post, args=(server, batch, gate))
+                for batch in batches
+                for server in (a, b)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        assert statuses and all(
+            sorted(s) == ["accepted", "duplicate"] for s in statuses.values()
+        ), statuses
+    for host in hosts:
+        stored = pg_store.host(host.host_id)
+        assert stored is not None and stored.envelopes == host.seq == 41
+        assert stored.state is HostState.DRIFTED
+        drifts = [t for t in pg_store.transitions(host.host_id) if t.to_state is HostState.DRIFTED]
+        assert len(drifts) == 1
+    alerts = Counter(j.dedup_key for j in pg_store.jobs(kind="alert"))
+    assert alerts == {f"firing:rep-{n}:drift": 1 for n in range(4)}
+
+
+def _worker(pg_url: str, name: str, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.collector.worker_proc", pg_url, name, str(out)],
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        cwd=REPO,
+    )
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def test_jobs_are_claimed_once_even_when_a_worker_is_killed(
+    pg_store: SqlStore, pg_url: str, tmp_path: Path
+) -> None:
+    pg_store.enqueue(JobSpec("probe", "first", {"block": True}))
+    for n in range(200):
+        pg_store.enqueue(JobSpec("probe", f"job-{n}", {}))
+    outputs = {name: tmp_path / f"{name}.out" for name in ("blocker", "w1", "w2")}
+    blocker = _worker(pg_url, "blocker", outputs["blocker"])
+    workers = []
+    try:
+
+        def blocker_holds_a_lease() -> bool:
+            return any(
+                j.claimed_by == "blocker" and j.state is JobState.RUNNING
+                for j in pg_store.jobs(kind="probe")
+            )
+
+        _wait_for(blocker_holds_a_lease, 30, "the blocking worker never claimed")
+        workers = [_worker(pg_url, n, outputs[n]) for n in ("w1", "w2")]
+        blocker.kill()  # SIGKILL while it holds a lease
+        blocker.wait(10)
+
+        def all_done() -> bool:
+            return all(j.state is JobState.DONE for j in pg_store.jobs(kind="probe"))
+
+        _wait_for(all_done, 60, "jobs left undone")
+    finally:
+        for proc in (blocker, *workers):
+            proc.terminate()
+            proc.wait(10)
+    runs = Counter(
+        int(line) for path in outputs.values() if path.exists() for line in path.read_text().split()
+    )
+    assert set(runs) == {j.job_id for j in pg_store.jobs(kind="probe")}
+    assert set(runs.values()) == {1}, [job for job, n in runs.items() if n > 1]
+    first = pg_store.jobs(kind="probe")[0]
+    assert first.claimed_by in ("w1", "w2") and first.attempts == 2
