@@ -49,11 +49,24 @@ ROUTES: dict[tuple[str, str], Role | str] = {
     ("GET", "/v1/enroll-tokens"): ADMIN,
     ("POST", "/v1/enroll-tokens"): ADMIN,
     ("DELETE", "/v1/enroll-tokens/{token_id}"): ADMIN,
+    ("GET", "/v1/replacements"): VIEWER,
+    ("GET", "/v1/holds"): VIEWER,
+    ("GET", "/v1/decisions"): VIEWER,
+    ("GET", "/v1/pools"): VIEWER,
+    ("POST", "/v1/hosts/{host_id}/hold"): OPERATOR,
+    ("POST", "/v1/hosts/{host_id}/release"): OPERATOR,
+    ("POST", "/v1/pools/{pool}/hold"): OPERATOR,
+    ("POST", "/v1/pools/{pool}/release"): OPERATOR,
+    ("POST", "/v1/images/{build_id}/hold"): OPERATOR,
+    ("POST", "/v1/images/{build_id}/release"): OPERATOR,
+    ("POST", "/v1/hosts/{host_id}/breakglass"): OPERATOR,
+    ("POST", "/v1/breakglass/{session_id}/end"): OPERATOR,
 }
 BODIES: dict[str, dict[str, Any]] = {
     "/v1/tokens": {"role": "viewer", "name": "matrix"},
     "/v1/enroll-tokens": {"note": "matrix", "uses": 1},
     "/v1/images": {"statement": {}},
+    "/v1/hosts/{host_id}/breakglass": {"reason": "matrix", "user": "sre"},
 }
 
 
@@ -100,7 +113,9 @@ def test_authorisation_matrix(
     callers: list[tuple[str, Role | None]] = [("none", None)] + [(r.label, r) for r in Role]
     for (method, template), needs in sorted(ROUTES.items(), key=str):
         for name, role in callers:
-            path = template.format(host_id=enrolled.host_id, build_id="img-1", token_id=999)
+            path = template.format(
+                host_id=enrolled.host_id, build_id="img-1", token_id=999, pool="web", session_id=999
+            )
             headers = bearer(tokens[name]) if role is not None else {}
             body = BODIES.get(template, {"reason": "matrix"}) if method == "POST" else None
             response = client.request(method, path, headers=headers, json=body)
