@@ -34,7 +34,7 @@ from collector.model import Host, HostState, Job, JobSpec
 from collector.response import ledger, rails
 from collector.response.breakglass import ATTRIBUTED
 from collector.response.config import ResponseConfig
-from collector.response.records import Incident
+from collector.response.records import HoldKind, Incident, Scope
 from collector.sinks import (
     Alert,
     AlertLink,
@@ -103,6 +103,8 @@ class Alerts:
         host = self._host(tx, payload)
         if host is not None and self._grouped(tx, host, payload):
             return
+        if payload.get("cause") == rails.STORM_CAUSE:
+            payload = self._storm_now(tx, payload)
         alert = self._alert(tx, payload, key)
         ledger.put_incident(
             tx,
@@ -159,6 +161,14 @@ class Alerts:
                 bump=False,  # the next re-send carries it; one page, not one per host
             )
         return True
+
+    def _storm_now(self, tx: SqlTx, payload: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The storm's page lists every host folded into it so far."""
+        for hold in ledger.open_holds(tx, Scope.POOL, str(payload.get("pool"))):
+            if hold.kind is HoldKind.STORM:
+                evidence = {**(payload.get("evidence") or {}), "hosts": hold.detail.get("hosts")}
+                return {**payload, "evidence": evidence}
+        return payload
 
     def _resolve(self, tx: SqlTx, key: str) -> None:
         known = ledger.incident(tx, key)

@@ -172,7 +172,7 @@ def acted_between(tx: SqlTx, pool: str, start: datetime, end: datetime) -> bool:
     enrolled soon after is one of the replacements."""
     r = replacements.c
     found = tx.conn.execute(
-        select(r.id).where(r.pool == pool, r.acted_at >= start, r.acted_at <= end).limit(1)
+        select(r.id).where(r.pool == pool, r.acted_at >= start, r.acted_at < end).limit(1)
     ).first()
     return found is not None
 

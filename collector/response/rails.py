@@ -49,6 +49,7 @@ QUARANTINE_CAUSE: Final = "image_quarantined"
 IMAGE_DRIFT_CAUSES: Final = frozenset({"drift", "baseline_mismatch", "image_unregistered"})
 BREAKER: Final = "storm-breaker"
 QUARANTINE: Final = "image-quarantine"
+_INSTANT: Final = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def _storm(tx: SqlTx, pool: PoolConfig, sig: str, evidence: Mapping[str, Any]) -
     if resumed is not None:
         if tx.now < resumed + timedelta(seconds=pool.storm_cooldown_s):
             return None
-        since = max(since, resumed)
+        since = max(since, resumed + _INSTANT)
     hosts = ledger.marked_hosts(tx, pool.name, since, signature=sig)
     if len(hosts) < pool.storm_hosts:
         return None
@@ -178,6 +179,9 @@ def fold(tx: SqlTx, storm: Hold, host_id: str) -> None:
 
 def _quarantine(tx: SqlTx, pool: PoolConfig, image: str) -> None:
     since = tx.now - timedelta(seconds=pool.quarantine_window_s)
+    lifted = ledger.last_release(tx, Scope.IMAGE, image, HoldKind.QUARANTINE)
+    if lifted is not None:  # an operator lifted it: only drift after that counts
+        since = max(since, lifted + _INSTANT)
     hosts = ledger.marked_hosts(tx, pool.name, since, image=image, fresh_only=True)
     if len(hosts) < pool.quarantine_hosts:
         return
