@@ -326,6 +326,7 @@ class Replacer:
         )
         ledger.decide(tx, cause, reason, host_id=host.host_id, pool=host.pool, detail=detail)
         log.error("replacement_failed", host_id=host.host_id, cause=cause, reason=reason)
+        self._next(tx, host.pool)
         tx.enqueue(host_alert(host, cause, {"reason": reason, **detail}))
 
     # --- verify -----------------------------------------------------------------------------
@@ -381,10 +382,16 @@ class Replacer:
             request = self._lease(tx, host, row, action, dry_run=False)
         return self._act(action, request, row.replacement_id, verifying=True)
 
+    def _next(self, tx: SqlTx, pool: str | None) -> None:
+        """A replacement left the budget: the pool's waiting ones are looked at now."""
+        if pool is not None:
+            ledger.wake(tx, REPLACE, ledger.blocked_hosts(tx, pool))
+
     def _replaced(self, tx: SqlTx, host: Host, row: Replacement) -> None:
         ledger.update_replacement(tx, row.replacement_id, state=S.DONE)
         evidence = {"request_id": row.request_id, "action": row.action}
         transitions.apply(tx, host, Observation(Signal.REPLACED, "replaced", evidence), actor=ACTOR)
+        self._next(tx, host.pool)
         ledger.decide(
             tx,
             "replaced",
