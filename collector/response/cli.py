@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,13 +82,28 @@ def add_commands(
     p.add_argument("--port", type=int, default=22)
     p.add_argument("--identity", type=Path, help="private key file (default: agent, ~/.ssh)")
     p.add_argument("--known-hosts", type=Path, help="known_hosts file besides ~/.ssh/known_hosts")
-    p.add_argument(
-        "remote_command",
-        nargs=argparse.REMAINDER,
-        metavar="-- COMMAND",
-        help="run this instead of an interactive shell",
-    )
+    p.usage = "%(prog)s HOST --reason TEXT [--ticket ID] [options] [-- COMMAND ...]"
+    _pass_through(p)
     p.set_defaults(handler=lambda args: _breakglass(args, api))
+
+
+def _pass_through(parser: argparse.ArgumentParser) -> None:
+    """Everything after ``--`` is the remote command (``remote_command``), left unparsed."""
+    parse = parser.parse_known_args
+
+    def parse_known_args(
+        args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        given = list(sys.argv[1:] if args is None else args)
+        remote: list[str] = []
+        if "--" in given:
+            cut = given.index("--")
+            given, remote = given[:cut], given[cut + 1 :]
+        parsed, extras = parse(given, namespace)
+        parsed.remote_command = remote
+        return parsed, extras
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign,assignment]
 
 
 def host_lines(data: Any) -> list[str]:
@@ -179,8 +194,6 @@ def _decisions(args: argparse.Namespace, api: Api) -> int:
 
 def _breakglass(args: argparse.Namespace, api: Api) -> int:
     command = list(args.remote_command)
-    if command[:1] == ["--"]:
-        command = command[1:]
     operator = getpass.getuser()
     client = api.client(args)
     try:
