@@ -292,6 +292,7 @@ incidents = Table(
     Column("status", String(16), nullable=False),
     Column("version", Integer, nullable=False),
     Column("alert", JSON, nullable=False),
+    Column("sent", JSON, nullable=False),
     Column("opened_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
 )
