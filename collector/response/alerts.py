@@ -8,12 +8,14 @@ replaced or retired resolves every incident of the host.
 
 A ``deliver`` job sends the incident *as it is now* to one sink: so a resolution that
 arrives while a firing alert waits to be re-sent is what goes out, and a firing alert never
-overtakes its resolution. A receiver's refusal is a failed attempt, retried with backoff and
-jitter through the job's next attempt (never by holding a worker), honouring Retry-After; a
-final refusal buries the job. A sink's rate limit defers the job until a send is allowed. A
-sink that needs firing alerts re-sent (Alertmanager) gets them every ``resend_interval_s``
-until the incident resolves. At least once: a worker killed mid-send leaves the job to be
-claimed again when its lease runs out, and the dedup key makes the repeat harmless.
+overtakes its resolution; an incident resolved before the sink ever took its firing alert
+is sent firing first, then resolved, so every alert is delivered. A receiver's refusal is a
+failed attempt, retried with backoff and jitter through the job's next attempt (never by
+holding a worker), honouring Retry-After; a final refusal buries the job. A sink's rate
+limit defers the job until a send is allowed. A sink that needs firing alerts re-sent
+(Alertmanager) gets them every ``resend_interval_s`` until the incident resolves. At least
+once: a worker killed mid-send leaves the job to be claimed again when its lease runs out,
+and the dedup key makes the repeat harmless.
 
 Grouping: a host whose drift belongs to an open storm of its pool (same findings signature)
 is folded into the pool's one incident instead of paging on its own. An attributed
@@ -23,6 +25,7 @@ break-glass login is a warning, not a page.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, Final, cast
 
@@ -251,11 +254,16 @@ class Alerts:
             wait_s = sink.limiter.reserve()
             if wait_s > 0:
                 return self.store.clock() + timedelta(seconds=wait_s)
+        unfired = alert.status == "resolved" and not incident.fired_at(sink.name)
+        if unfired:  # resolved before this sink heard of it: the page goes out first
+            alert = replace(alert, status="firing", ends_at=None)
         self._send(sink, alert, job)
         with ledger.transaction(self.store) as tx:
-            version = ledger.incident_version(tx, key)
-        if version != incident.version:
-            return self.store.clock()  # it changed while we sent: send the news at once
+            version = ledger.mark_sent(
+                tx, key, sink.name, version=incident.version, fired=alert.status == "firing"
+            )
+        if unfired or version != incident.version:
+            return self.store.clock()  # more to send (the resolution, or news): at once
         if alert.status == "firing" and sink.sink.resend_interval_s:
             return self.store.clock() + timedelta(seconds=sink.sink.resend_interval_s)
         return None

@@ -358,6 +358,7 @@ def _incident(row: Row[Any]) -> Incident:
         status=m["status"],
         version=m["version"],
         alert=dict(m["alert"]),
+        sent=dict(m["sent"] or {}),
         opened_at=m["opened_at"],
         updated_at=m["updated_at"],
     )
@@ -399,6 +400,7 @@ def put_incident(
                 status=status,
                 version=1,
                 alert=dict(alert),
+                sent={},
                 opened_at=tx.now,
                 updated_at=tx.now,
             )
@@ -411,6 +413,17 @@ def put_incident(
         .values(status=status, version=version, alert=dict(alert), updated_at=tx.now)
     )
     return version
+
+
+def mark_sent(tx: SqlTx, dedup_key: str, sink: str, *, version: int, fired: bool) -> int | None:
+    """Record what ``sink`` took; return the incident's version now (None if gone)."""
+    known = incident(tx, dedup_key)
+    if known is None:
+        return None
+    before = known.sent.get(sink) or {}
+    sent = {**known.sent, sink: {"version": version, "fired": fired or bool(before.get("fired"))}}
+    tx.conn.execute(update(incidents).where(incidents.c.dedup_key == dedup_key).values(sent=sent))
+    return known.version
 
 
 def incident_version(tx: SqlTx, dedup_key: str) -> int | None:

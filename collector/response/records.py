@@ -127,8 +127,13 @@ class Incident:
     status: str
     version: int
     alert: Mapping[str, Any]
+    sent: Mapping[str, Any]  # by sink: {"version": n, "fired": bool}
     opened_at: datetime
     updated_at: datetime
+
+    def fired_at(self, sink: str) -> bool:
+        """Whether ``sink`` has taken this incident's firing alert."""
+        return bool((self.sent.get(sink) or {}).get("fired"))
 
 
 @dataclass(frozen=True)

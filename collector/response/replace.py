@@ -51,7 +51,7 @@ log = structlog.get_logger(__name__)
 
 VERIFY: Final = "replace_verify"
 ACTOR: Final = "replacer"
-LEASE_MARGIN_S: Final = 60.0
+LEASE_FACTOR: Final = 2.0  # an acting replacement is leased for twice the action's timeout
 WANTS_REPLACEMENT: Final = frozenset(
     {HostState.DRIFTED, HostState.TAINTED, HostState.SUSPECT, HostState.REPLACEMENT_REQUESTED}
 )
@@ -164,7 +164,7 @@ class Replacer:
         *,
         dry_run: bool,
     ) -> ReplacementRequest:
-        lease = tx.now + timedelta(seconds=action.timeout_s + LEASE_MARGIN_S)
+        lease = tx.now + timedelta(seconds=action.timeout_s * LEASE_FACTOR)
         ledger.update_replacement(
             tx,
             row.replacement_id,

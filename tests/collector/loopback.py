@@ -4,6 +4,7 @@ always joined; with ``threaded`` each request has its own thread, all joined at 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -43,6 +44,9 @@ class LoopbackReceiver:
     ) -> None:
         self.default = default or Answer(200, b"ok")
         self.responder = responder
+        self.gate = threading.Event()  # cleared: requests are held (recorded, not answered)
+        self.gate.set()
+        self.held = 0
         self.script: deque[Answer] = deque()
         self.requests: list[Received] = []
         self._changed = threading.Condition()
@@ -54,6 +58,11 @@ class LoopbackReceiver:
                 body = self.rfile.read(length)
                 received = Received("POST", self.path, dict(self.headers), body, time.monotonic())
                 with receiver._changed:
+                    receiver.held += 1
+                    receiver._changed.notify_all()
+                receiver.gate.wait()
+                with receiver._changed:
+                    receiver.held -= 1
                     receiver.requests.append(received)
                     if receiver.script:
                         answer = receiver.script.popleft()
@@ -71,6 +80,10 @@ class LoopbackReceiver:
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
+
+            def handle(self) -> None:
+                with contextlib.suppress(OSError):  # the client was killed before the answer
+                    super().handle()
 
         if threaded:
             server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -106,6 +119,7 @@ class LoopbackReceiver:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.gate.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
