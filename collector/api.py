@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agent import wire
 from collector import auth, silence, sre
+from collector.bodylimit import BodyLimit
 from collector.config import Config
 from collector.errors import Refused, StoreError
 from collector.handlers import default_registry
@@ -86,23 +87,10 @@ def error_response(status: int, code: str, message: str, **details: Any) -> JSON
     return JSONResponse(wire.error_body(code, message, **details), status, headers=headers)
 
 
-async def read_json(request: Request, limit: int, metrics: Metrics) -> Any:
-    """The request body as JSON, refused (413) past ``limit`` bytes before anything is
-    parsed."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        metrics.rejected("too_large")
-        raise Refused(413, "too_large", f"body is {declared} bytes; the limit is {limit}")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            metrics.rejected("too_large")
-            raise Refused(413, "too_large", f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+async def read_json(request: Request, metrics: Metrics) -> Any:
+    """The request body as JSON (its size is already bounded by ``BodyLimit``)."""
     try:
-        return json.loads(b"".join(chunks))
+        return json.loads(await request.body())
     except (ValueError, UnicodeDecodeError) as exc:
         metrics.rejected("malformed")
         raise Refused(400, "malformed", f"body is not JSON: {exc}") from exc
@@ -179,6 +167,11 @@ def create_app(
         redoc_url=None,
     )
     _install_error_handlers(app)
+    app.add_middleware(
+        BodyLimit,
+        limit=config.server.max_body_bytes,
+        refused=lambda: app.state.services.metrics.rejected("too_large"),
+    )
     _public_routes(app)
     _agent_routes(app)
     app.include_router(sre.router)
@@ -225,7 +218,7 @@ def _agent_routes(app: FastAPI) -> None:
     async def enroll(request: Request) -> JSONResponse:
         """Register a host's key with an enrollment token (idempotent for the same key)."""
         svc = services(request)
-        body = await read_json(request, svc.config.server.max_body_bytes, svc.metrics)
+        body = await read_json(request, svc.metrics)
         result = await run_in_threadpool(svc.ingestor.enroll, body)
         return JSONResponse(result.body, result.status)
 
@@ -233,7 +226,7 @@ def _agent_routes(app: FastAPI) -> None:
     async def reports(request: Request) -> dict[str, Any]:
         """A batch of signed envelopes; answered only after it is committed."""
         svc = services(request)
-        body = await read_json(request, svc.config.server.max_body_bytes, svc.metrics)
+        body = await read_json(request, svc.metrics)
         with svc.metrics.ingest_seconds.time():
             result: dict[str, Any] = await run_in_threadpool(svc.ingestor.reports, body)
         return result

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from collector.errors import ConfigError
+from collector.keys import load_public_key
 from collector.response import config as response_config
 from collector.response.config import ResponseConfig
 
@@ -220,3 +221,7 @@ def _check(config: Config, source: str) -> None:
             raise ConfigError(
                 f"{source}: [images] pipeline_public_keys has {path!r}, which is not a file"
             )
+        try:
+            load_public_key(Path(path))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: [images] pipeline_public_keys: {exc}") from exc

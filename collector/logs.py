@@ -23,15 +23,22 @@ _QUIET = ("uvicorn.access", "alembic.runtime.migration")
 
 
 def configure(service: str, *, level: str = "info", json_lines: bool | None = None) -> None:
-    """Send every log line to stderr in one shape; bind ``service`` to each event."""
+    """Send every log line to stderr in one shape; ``service`` is on every event, from every
+    thread (the job workers too)."""
     json_lines = (not sys.stderr.isatty()) if json_lines is None else json_lines
+
+    def add_service(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.setdefault("service", service)
+        return event
+
+    chain = [*_CHAIN, add_service]
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=_CHAIN,
+        foreign_pre_chain=chain,
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
@@ -49,10 +56,9 @@ def configure(service: str, *, level: str = "info", json_lines: bool | None = No
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
     structlog.configure(
-        processors=[*_CHAIN, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        processors=[*chain, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(service=service)

@@ -8,21 +8,38 @@ disk before the API acknowledges it.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Insert, Table, create_engine, event
+from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import URL
 
 from collector.errors import ConfigError
 from collector.store.sql import SqlStore
+from collector.store.tx import SqlTx
 
 BUSY_TIMEOUT_MS = 30_000
 
 
 class SqliteStore(SqlStore):
+    """Writers in this process queue on a lock for SQLite's one write lock, rather than
+    spinning in its busy handler (which sleeps up to 100 ms between tries); the busy timeout
+    still covers other processes (the CLI creating a token)."""
+
     backend: ClassVar[str] = "sqlite"
+
+    def __init__(self, engine: Engine, *, display_url: str) -> None:
+        super().__init__(engine, display_url=display_url)
+        self._writer = threading.Lock()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[SqlTx]:
+        with self._writer, super()._transaction() as tx:
+            yield tx
 
     def insert(self, table: Table) -> Insert:
         return insert(table)

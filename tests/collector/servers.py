@@ -35,10 +35,10 @@ class Server:
     """One collector process; ``start`` returns once ``/readyz`` answers 200."""
 
     def __init__(
-        self, db_url: str, workdir: Path, *, name: str = "collector", extra_config: str = ""
+        self, db_url: str, workdir: Path, *, name: str = "collector", config: str = CONFIG
     ) -> None:
         self.db_url = db_url
-        self.extra_config = extra_config
+        self.config = config
         self.workdir = workdir
         self.name = name
         self.port = free_port()
@@ -48,7 +48,7 @@ class Server:
 
     def start(self, timeout_s: float = 30.0) -> Server:
         config = self.workdir / f"{self.name}.toml"
-        config.write_text(CONFIG + self.extra_config)
+        config.write_text(self.config)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(

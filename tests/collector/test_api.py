@@ -14,54 +14,21 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.routing import Route
 
-from agent import wire
 from collector.api import create_app
 from collector.config import Config, ImageConfig, ServerConfig
 from collector.model import HostState, Role
 from collector.store import SqlStore, open_store
-from tests.collector.apptest import assert_error, bearer, make_config
+from tests.collector.apptest import (
+    AGENT,
+    PUBLIC,
+    ROUTES,
+    assert_error,
+    bearer,
+    make_config,
+    statement,
+)
 from tests.collector.hosts import SimHost, file_drift
 
-AGENT = "agent"  # authenticated by the enrollment token or the host's signature
-PUBLIC = "public"
-VIEWER, OPERATOR, ADMIN = Role.VIEWER, Role.OPERATOR, Role.ADMIN
-ROUTES: dict[tuple[str, str], Role | str] = {
-    ("GET", "/healthz"): PUBLIC,
-    ("GET", "/readyz"): PUBLIC,
-    ("GET", "/"): PUBLIC,
-    ("POST", "/v1/enroll"): AGENT,
-    ("POST", "/v1/reports"): AGENT,
-    ("GET", "/metrics"): VIEWER,
-    ("GET", "/openapi.json"): VIEWER,
-    ("GET", "/v1/hosts"): VIEWER,
-    ("GET", "/v1/hosts/{host_id}"): VIEWER,
-    ("GET", "/v1/hosts/{host_id}/events"): VIEWER,
-    ("GET", "/v1/fleet"): VIEWER,
-    ("GET", "/v1/images"): VIEWER,
-    ("GET", "/v1/images/{build_id}/cohort"): VIEWER,
-    ("POST", "/v1/hosts/{host_id}/replace"): OPERATOR,
-    ("POST", "/v1/hosts/{host_id}/retire"): OPERATOR,
-    ("POST", "/v1/hosts/{host_id}/acknowledge"): OPERATOR,
-    ("POST", "/v1/images"): OPERATOR,
-    ("GET", "/v1/tokens"): ADMIN,
-    ("POST", "/v1/tokens"): ADMIN,
-    ("DELETE", "/v1/tokens/{token_id}"): ADMIN,
-    ("GET", "/v1/enroll-tokens"): ADMIN,
-    ("POST", "/v1/enroll-tokens"): ADMIN,
-    ("DELETE", "/v1/enroll-tokens/{token_id}"): ADMIN,
-    ("GET", "/v1/replacements"): VIEWER,
-    ("GET", "/v1/holds"): VIEWER,
-    ("GET", "/v1/decisions"): VIEWER,
-    ("GET", "/v1/pools"): VIEWER,
-    ("POST", "/v1/hosts/{host_id}/hold"): OPERATOR,
-    ("POST", "/v1/hosts/{host_id}/release"): OPERATOR,
-    ("POST", "/v1/pools/{pool}/hold"): OPERATOR,
-    ("POST", "/v1/pools/{pool}/release"): OPERATOR,
-    ("POST", "/v1/images/{build_id}/hold"): OPERATOR,
-    ("POST", "/v1/images/{build_id}/release"): OPERATOR,
-    ("POST", "/v1/hosts/{host_id}/breakglass"): OPERATOR,
-    ("POST", "/v1/breakglass/{session_id}/end"): OPERATOR,
-}
 BODIES: dict[str, dict[str, Any]] = {
     "/v1/tokens": {"role": "viewer", "name": "matrix"},
     "/v1/enroll-tokens": {"note": "matrix", "uses": 1},
@@ -248,22 +215,6 @@ def test_tokens_are_shown_once(client: TestClient, tokens: dict[str, str]) -> No
     assert enroll["token"].startswith("dwe_") and enroll["uses_left"] == 1
     sim = SimHost()
     assert client.post("/v1/enroll", json=sim.enrollment(enroll["token"])).status_code == 201
-
-
-def statement(key: Ed25519PrivateKey, build_id: str, root: str) -> dict[str, Any]:
-    body = {
-        "format": wire.MANIFEST_FORMAT,
-        "v": wire.MANIFEST_VERSION,
-        "build_id": build_id,
-        "policy_digest": "sha256:00",
-        "hash_alg": "sha256",
-        "created": wire.utc_now(),
-        "tool_version": "0.1.0",
-        "root": root,
-        "entries": 3,
-        "key_id": "ed25519:pipeline",
-    }
-    return wire.sign_statement(body, key)
 
 
 def test_image_registration_verifies_the_pipeline_key(

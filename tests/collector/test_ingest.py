@@ -224,6 +224,10 @@ def test_oversized_body_is_refused_before_parsing(client: TestClient, host: SimH
             yield b"x" * (1024 * 1024)
 
     assert_error(client.post("/v1/reports", content=chunks()), 413, "too_large")
+    assert_error(client.post("/v1/tokens", content=chunks()), 413, "too_large")  # any route
+    assert_error(client.post("/v1/enroll", content=big), 413, "too_large")
+    metrics = client.app.state.services.metrics.render().decode()  # type: ignore[attr-defined]
+    assert 'driftwarden_reports_refused_total{reason="too_large"} 4.0' in metrics
 
 
 # --- verdicts from reports ---------------------------------------------------------------

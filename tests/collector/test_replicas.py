@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,30 +17,22 @@ import requests
 
 from collector import auth
 from collector.model import HostState, JobSpec, JobState
-from collector.store import SqlStore, open_store
-from tests.collector.conftest import wipe
+from collector.store import SqlStore
 from tests.collector.hosts import SimHost, file_drift
 from tests.collector.servers import REPO, Server
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-
-@pytest.fixture
-def pg_store(pg_url: str) -> Iterator[SqlStore]:
-    store = open_store(pg_url, pool_size=4)
-    wipe(store)
-    try:
-        yield store
-    finally:
-        wipe(store)
-        store.close()
+pytestmark = [
+    pytest.mark.postgres,
+    pytest.mark.slow,
+    pytest.mark.parametrize("db_url", ["postgresql"], indirect=True),
+]
 
 
 def test_the_same_reports_at_two_replicas_are_processed_once(
-    pg_store: SqlStore, pg_url: str, tmp_path: Path
+    store: SqlStore, db_url: str, tmp_path: Path
 ) -> None:
-    token, _ = auth.create_enroll_token(pg_store)
-    with Server(pg_url, tmp_path, name="a") as a, Server(pg_url, tmp_path, name="b") as b:
+    token, _ = auth.create_enroll_token(store)
+    with Server(db_url, tmp_path, name="a") as a, Server(db_url, tmp_path, name="b") as b:
         hosts = [SimHost(f"rep-{n}") for n in range(4)]
         for host in hosts:
             assert requests.post(a.url + "/v1/enroll", json=host.enrollment(token)).ok
@@ -78,18 +70,18 @@ def test_the_same_reports_at_two_replicas_are_processed_once(
             sorted(s) == ["accepted", "duplicate"] for s in statuses.values()
         ), statuses
     for host in hosts:
-        stored = pg_store.host(host.host_id)
+        stored = store.host(host.host_id)
         assert stored is not None and stored.envelopes == host.seq == 41
         assert stored.state is HostState.DRIFTED
-        drifts = [t for t in pg_store.transitions(host.host_id) if t.to_state is HostState.DRIFTED]
+        drifts = [t for t in store.transitions(host.host_id) if t.to_state is HostState.DRIFTED]
         assert len(drifts) == 1
-    alerts = Counter(j.dedup_key for j in pg_store.jobs(kind="alert"))
+    alerts = Counter(j.dedup_key for j in store.jobs(kind="alert"))
     assert alerts == {f"firing:rep-{n}:drift": 1 for n in range(4)}
 
 
-def _worker(pg_url: str, name: str, out: Path) -> subprocess.Popen[bytes]:
+def _worker(db_url: str, name: str, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.collector.worker_proc", pg_url, name, str(out)],
+        [sys.executable, "-m", "tests.collector.worker_proc", db_url, name, str(out)],
         env=dict(os.environ, PYTHONPATH=str(REPO)),
         cwd=REPO,
     )
@@ -104,29 +96,29 @@ def _wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> Non
 
 
 def test_jobs_are_claimed_once_even_when_a_worker_is_killed(
-    pg_store: SqlStore, pg_url: str, tmp_path: Path
+    store: SqlStore, db_url: str, tmp_path: Path
 ) -> None:
-    pg_store.enqueue(JobSpec("probe", "first", {"block": True}))
+    store.enqueue(JobSpec("probe", "first", {"block": True}))
     for n in range(200):
-        pg_store.enqueue(JobSpec("probe", f"job-{n}", {}))
+        store.enqueue(JobSpec("probe", f"job-{n}", {}))
     outputs = {name: tmp_path / f"{name}.out" for name in ("blocker", "w1", "w2")}
-    blocker = _worker(pg_url, "blocker", outputs["blocker"])
+    blocker = _worker(db_url, "blocker", outputs["blocker"])
     workers = []
     try:
 
         def blocker_holds_a_lease() -> bool:
             return any(
                 j.claimed_by == "blocker" and j.state is JobState.RUNNING
-                for j in pg_store.jobs(kind="probe")
+                for j in store.jobs(kind="probe")
             )
 
         _wait_for(blocker_holds_a_lease, 30, "the blocking worker never claimed")
-        workers = [_worker(pg_url, n, outputs[n]) for n in ("w1", "w2")]
+        workers = [_worker(db_url, n, outputs[n]) for n in ("w1", "w2")]
         blocker.kill()  # SIGKILL while it holds a lease
         blocker.wait(10)
 
         def all_done() -> bool:
-            return all(j.state is JobState.DONE for j in pg_store.jobs(kind="probe"))
+            return all(j.state is JobState.DONE for j in store.jobs(kind="probe"))
 
         _wait_for(all_done, 60, "jobs left undone")
     finally:
@@ -136,7 +128,7 @@ def test_jobs_are_claimed_once_even_when_a_worker_is_killed(
     runs = Counter(
         int(line) for path in outputs.values() if path.exists() for line in path.read_text().split()
     )
-    assert set(runs) == {j.job_id for j in pg_store.jobs(kind="probe")}
+    assert set(runs) == {j.job_id for j in store.jobs(kind="probe")}
     assert set(runs.values()) == {1}, [job for job, n in runs.items() if n > 1]
-    first = pg_store.jobs(kind="probe")[0]
+    first = store.jobs(kind="probe")[0]
     assert first.claimed_by in ("w1", "w2") and first.attempts == 2

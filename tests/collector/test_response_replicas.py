@@ -19,7 +19,7 @@ from collector.store import SqlStore, open_store
 from tests.collector.conftest import wipe
 from tests.collector.hosts import SimHost, file_drift
 from tests.collector.loopback import Answer, LoopbackReceiver, Received
-from tests.collector.servers import Server
+from tests.collector.servers import CONFIG, Server
 from tests.sshd import wait_until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -107,8 +107,8 @@ def test_a_replica_killed_mid_delivery_loses_no_alert_and_replaces_no_host_twice
         alerts.gate.clear()  # deliveries hang until we have killed a replica
         hook.gate.clear()
         extra = config(alerts.url, hook.url)
-        a = Server(pg_url, tmp_path, name="a", extra_config=extra)
-        b = Server(pg_url, tmp_path, name="b", extra_config=extra)
+        a = Server(pg_url, tmp_path, name="a", config=CONFIG + extra)
+        b = Server(pg_url, tmp_path, name="b", config=CONFIG + extra)
         with a, b:
             hosts = [SimHost(f"rep-{n:02d}") for n in range(HOSTS)]
             for n, host in enumerate(hosts):

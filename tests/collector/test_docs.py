@@ -1,0 +1,83 @@
+"""The documentation keeps up with the code: every config key, CLI command, route and
+state-machine edge is documented; the systemd unit verifies."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from collector import config
+from collector.cli import build_parser
+from collector.verdicts import edges
+from tests.collector.apptest import ROUTES
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "driftwarden-collector.service"
+
+
+def test_every_config_key_is_documented() -> None:
+    text = (DOCS / "collector.md").read_text()
+    for section, cls in config.SECTIONS.items():
+        for field in dataclasses.fields(cls):
+            assert f"| `[{section}]` | `{field.name}` |" in text, f"[{section}] {field.name}"
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
+    out = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out.append(f"{prefix}{name}")
+                out += _commands(sub, f"{prefix}{name} ")
+    return out
+
+
+def test_every_cli_command_is_documented() -> None:
+    text = (DOCS / "collector.md").read_text()
+    commands = _commands(build_parser())
+    assert "images register" in commands and "token create" in commands
+    for command in commands:
+        assert f"`driftwarden {command}" in text, command
+
+
+def test_every_route_is_documented() -> None:
+    text = (DOCS / "api.md").read_text()
+    for method, path in ROUTES:
+        assert f"| {method} | `{path}` |" in text, (method, path)
+
+
+def test_the_drawing_has_exactly_the_edges_of_the_code() -> None:
+    text = (DOCS / "host-states.md").read_text()
+    drawn = set()
+    for src, dst, signals in re.findall(r"^\s+(\w+) --> (\w+) : (.+)$", text, re.MULTILINE):
+        drawn |= {(src, s.strip(), dst) for s in signals.split(",")}
+    code = {(src.value, signal.value, dst.value) for src, signal, dst in edges()}
+    assert drawn == code
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
+    text = UNIT.read_text()
+    for line in (
+        "DynamicUser=yes",
+        "StateDirectory=driftwarden",
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "RestartPreventExitStatus=78",
+    ):
+        assert line in text.splitlines(), line
+    # verify checks that ExecStart exists; the installed path is /opt/driftwarden/bin
+    unit = tmp_path / UNIT.name
+    unit.write_text(text.replace("/opt/driftwarden/bin/driftwarden", sys.executable))
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr
