@@ -149,8 +149,8 @@ def from_mapping(data: dict[str, Any], *, source: str = "config") -> Config:
             continue
         if name not in SECTIONS:
             raise ConfigError(
-                f"{source}: unknown section [{name}]; known: "
-                + ", ".join(sorted([*SECTIONS, *response_config.KEYS]))
+                f"{source}: unknown section [{name}]; known: {', '.join(sorted(SECTIONS))}"
+                f" (and the response's: {', '.join(response_config.KEYS)})"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table, not {value!r}")
