@@ -218,7 +218,7 @@ class Alerts:
         elif isinstance(evidence.get("hosts"), list):
             details["hosts"] = evidence["hosts"]
         runbook = self.config.settings.runbook_url
-        links = (AlertLink(f"{runbook}#{cause.replace('_', '-')}", "runbook"),) if runbook else ()
+        links = (AlertLink(f"{runbook}#{cause}", "runbook"),) if runbook else ()
         return Alert(
             dedup_key=key,
             status="firing",
