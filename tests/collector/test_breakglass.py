@@ -8,6 +8,8 @@ critical. Needs root (a system user for sshd)."""
 from __future__ import annotations
 
 import os
+import pty
+import select
 import subprocess
 import sys
 import threading
@@ -220,3 +222,101 @@ def test_a_login_nobody_announced_stays_critical(fleet: Fleet, tmp_path: Path) -
     assert page.alert["severity"] == "critical"
     assert "unannounced SSH login by mallory" in page.alert["summary"]
     assert replaced_by(tmp_path / "replaced") == {"web-3": 1}  # not deferred
+
+
+def test_an_interactive_shell_gets_a_pty(fleet: Fleet, sshd: Sshd, tmp_path: Path) -> None:
+    fleet.enroll("web-4")
+    token = fleet.token(Role.OPERATOR, "alice")["Authorization"].split()[1]
+    controller, terminal = pty.openpty()
+    with ApiServer(fleet) as api:
+        session = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "collector",
+                "breakglass",
+                "web-4",
+                "--reason",
+                "look around",
+                "--user",
+                sshd.user.name,
+                "--address",
+                sshd.host,
+                "--port",
+                str(sshd.port),
+                "--identity",
+                str(sshd.user.key_path),
+                "--known-hosts",
+                str(known_hosts(sshd, tmp_path / "known_hosts")),
+                "--url",
+                api.url,
+                "--token",
+                token,
+            ],
+            stdin=terminal,
+            stdout=terminal,
+            stderr=subprocess.PIPE,
+            env=dict(os.environ, PYTHONPATH=str(REPO), TERM="dumb"),
+        )
+        os.close(terminal)
+        seen = bytearray()
+        typed = False
+        try:
+            while session.poll() is None or select.select([controller], [], [], 0)[0]:
+                if not typed and seen.rstrip().endswith(b"$"):  # the remote shell's prompt
+                    os.write(controller, b"tty; exit 5\n")
+                    typed = True
+                ready, _, _ = select.select([controller], [], [], 10)
+                assert ready, f"no output from the session: {bytes(seen)!r}"
+                try:
+                    chunk = os.read(controller, 4096)
+                except OSError:  # the last writer closed the terminal
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        finally:
+            if session.poll() is None:
+                session.kill()
+            stderr = session.communicate(timeout=30)[1]
+            os.close(controller)
+    assert session.returncode == 5, stderr
+    assert b"/dev/pts/" in seen  # the remote shell had a terminal
+    with ledger.transaction(fleet.store) as tx:
+        [session] = ledger.sessions(tx, "web-4")
+    assert session.ended_by == "client"
+
+
+def cli(api: ApiServer, token: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "collector", *args, "--url", api.url, "--token", token],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+
+
+def test_hold_and_release_from_the_command_line(fleet: Fleet) -> None:
+    fleet.enroll("web-5")
+    token = fleet.token(Role.OPERATOR, "carol")["Authorization"].split()[1]
+    with ApiServer(fleet) as api:
+        assert cli(api, token, "hold", "web-5", "--reason", "forensics").stdout == (
+            "held host web-5: forensics\n"
+        )
+        assert cli(api, token, "hold", "--pool", "web", "--reason", "freeze").returncode == 0
+        listed = cli(api, token, "holds").stdout
+        assert "forensics" in listed and "freeze" in listed
+        refused = cli(api, token, "hold", "--reason", "x")
+        assert refused.returncode == 2 and "exactly one of HOST" in refused.stderr
+        fleet.drift("web-5")
+        fleet.run()
+        shown = cli(api, token, "host", "web-5").stdout
+        assert "replacement: blocked by hold: host held by token:" in shown
+        released = cli(api, token, "release", "--pool", "web", "--reason", "thaw")
+        assert released.stdout == "released pool web: operator hold 2\n"
+        blocked = cli(api, token, "replacements", "--state", "blocked", "--json").stdout
+        assert '"blocked_by": "hold"' in blocked
+        assert "forensics" in cli(api, token, "decisions", "--host", "web-5").stdout
+        assert "web" in cli(api, token, "pools").stdout

@@ -4,15 +4,18 @@ actions wired into the collector's loader (exit 78), every key documented."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from collector import config
-from collector.cli import main
 from collector.errors import EXIT_CONFIG, ConfigError
 from collector.response.config import BreakglassSettings, PoolConfig, ResponseSettings
+from tests.collector.servers import REPO
 
 ACTION = """
 [[action]]
@@ -114,11 +117,16 @@ def test_two_pools_with_one_name_are_refused(tmp_path: Path) -> None:
         "[breakglass]\ngrace = 10\n",
     ],
 )
-def test_a_bad_response_configuration_exits_78(
-    tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["check-config", "--config", str(write(tmp_path, text))]) == EXIT_CONFIG
-    assert capsys.readouterr().err.startswith("error: collector.toml: ")
+def test_a_bad_response_configuration_exits_78(tmp_path: Path, text: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "collector", "check-config", "--config", str(write(tmp_path, text))],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    assert done.returncode == EXIT_CONFIG, done.stderr
+    assert done.stderr.startswith("error: collector.toml: ")
 
 
 @pytest.mark.parametrize("cls", [PoolConfig, ResponseSettings, BreakglassSettings])
