@@ -62,14 +62,17 @@ _SEVERITY_BY_CAUSE: Final[Mapping[str, Severity]] = {ATTRIBUTED: "warning"}
 
 
 def sink_key(payload: Mapping[str, Any]) -> str:
-    """The dedup key the sinks see for a job's alert."""
+    """The dedup key the sinks see for a job's alert. The cause is the one its own key names
+    (``HOST:CAUSE``, ``pool:POOL:CAUSE``, ``fleet:CAUSE``): a resolution's payload carries the
+    cause of the transition that resolves it, its key the cause it resolves."""
+    cause = str(payload.get("dedup_key") or payload["cause"]).rpartition(":")[2]
     scope = payload.get("scope", "host")
     if scope == "fleet":
-        return dedup_key(FLEET_POOL, str(payload["cause"]))
+        return dedup_key(FLEET_POOL, cause)
     pool = payload.get("pool") or NO_POOL
     if scope == "pool":
-        return dedup_key(pool, str(payload["cause"]))
-    return dedup_key(pool, str(payload["cause"]), str(payload["host_id"]))
+        return dedup_key(pool, cause)
+    return dedup_key(pool, cause, str(payload["host_id"]))
 
 
 class Alerts:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
+from collector import silence
 from collector.model import JobSpec, JobState, Role
 from collector.response import ledger
 from collector.store import SqlStore
@@ -226,5 +227,28 @@ def test_a_resolution_is_sent_at_once_and_never_overtaken_by_a_resend(
         clock.advance(3600)
         fleet.run()
         assert len(receiver.requests) == 2
+    finally:
+        fleet.close()
+
+
+def test_silence_pages_a_warning_and_resolves_when_the_host_reports(
+    store: SqlStore, clock: Clock, receiver: LoopbackReceiver
+) -> None:
+    fleet = Fleet(store, {"sink": [pagerduty(receiver.url)]})
+    try:
+        fleet.enroll("web-1", *(f"web-{n}" for n in range(2, 12)))
+        clock.advance(60)
+        fleet.heartbeat(*(f"web-{n}" for n in range(2, 12)))
+        clock.advance(60)
+        assert silence.sweep(store, fleet.config.verdicts).silenced == ["web-1"]
+        fleet.run()
+        fleet.heartbeat("web-1")
+        fleet.run()
+        sent = [r.json() for r in receiver.requests]
+        assert [(e["event_action"], e["dedup_key"]) for e in sent] == [
+            ("trigger", "driftwarden/web/web-1/silent"),
+            ("resolve", "driftwarden/web/web-1/silent"),
+        ]
+        assert sent[0]["payload"]["severity"] == "warning"
     finally:
         fleet.close()
