@@ -88,6 +88,20 @@ def known_hosts(sshd: Sshd, path: Path) -> Path:
     return path
 
 
+def breakglass_argv(
+    api: ApiServer, token: str, sshd: Sshd, host: str, reason: str, workdir: Path, *extra: str
+) -> list[str]:
+    """``driftwarden breakglass`` to the test sshd, as the test user with its key."""
+    return [
+        *(sys.executable, "-m", "collector", "breakglass", host, "--reason", reason),
+        *("--user", sshd.user.name, "--address", sshd.host, "--port", str(sshd.port)),
+        *("--identity", str(sshd.user.key_path)),
+        *("--known-hosts", str(known_hosts(sshd, workdir / "known_hosts"))),
+        *("--url", api.url, "--token", token),
+        *extra,
+    ]
+
+
 def logins_since(sshd: Sshd, offset: int, user: str) -> list[dict[str, Any]]:
     """What the agent reports for sshd's log lines since ``offset``: login findings."""
     parser = LineParser("authlog")
@@ -108,36 +122,11 @@ def test_an_announced_session_is_attributed_and_defers_replacement(
     token = fleet.token(Role.OPERATOR, "alice")["Authorization"].split()[1]
     offset = len(sshd.log_text())
     with ApiServer(fleet) as api:
+        command = ["--ticket", "INC-7", "--", "sh", "-c", "read line; echo got $line; exit 3"]
         cli = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "collector",
-                "breakglass",
-                "web-1",
-                "--reason",
-                "disk full, clearing /var/tmp",
-                "--ticket",
-                "INC-7",
-                "--user",
-                sshd.user.name,
-                "--address",
-                sshd.host,
-                "--port",
-                str(sshd.port),
-                "--identity",
-                str(sshd.user.key_path),
-                "--known-hosts",
-                str(known_hosts(sshd, tmp_path / "known_hosts")),
-                "--url",
-                api.url,
-                "--token",
-                token,
-                "--",
-                "sh",
-                "-c",
-                "read line; echo got $line; exit 3",
-            ],
+            breakglass_argv(
+                api, token, sshd, "web-1", "disk full, clearing /var/tmp", tmp_path, *command
+            ),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -230,29 +219,7 @@ def test_an_interactive_shell_gets_a_pty(fleet: Fleet, sshd: Sshd, tmp_path: Pat
     controller, terminal = pty.openpty()
     with ApiServer(fleet) as api:
         session = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "collector",
-                "breakglass",
-                "web-4",
-                "--reason",
-                "look around",
-                "--user",
-                sshd.user.name,
-                "--address",
-                sshd.host,
-                "--port",
-                str(sshd.port),
-                "--identity",
-                str(sshd.user.key_path),
-                "--known-hosts",
-                str(known_hosts(sshd, tmp_path / "known_hosts")),
-                "--url",
-                api.url,
-                "--token",
-                token,
-            ],
+            breakglass_argv(api, token, sshd, "web-4", "look around", tmp_path),
             stdin=terminal,
             stdout=terminal,
             stderr=subprocess.PIPE,

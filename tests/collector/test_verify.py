@@ -37,33 +37,34 @@ def call(aws: MotoServer, method: str, **kwargs: object) -> None:
         client.close()
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_an_ignored_request_is_made_again_until_the_instance_goes(
-    store: SqlStore, clock: Clock, aws: MotoServer
-) -> None:
-    group = make_group(aws, size=3)
+def asg_fleet(
+    store: SqlStore, aws: MotoServer, group: str, pool: dict[str, object], max_requests: int
+) -> Fleet:
+    """A fleet whose pool ``web`` is replaced through the Auto Scaling group ``group``."""
     action = {
         "type": "aws-autoscaling",
         "name": "asg",
         "region": REGION,
         "endpoint_url": aws.endpoint_url,
-        "group": group.name,
+        "group": group,
     }
-    fleet = Fleet(
+    return Fleet(
         store,
         {
             "action": [action],
-            "pool": [
-                {
-                    "name": "web",
-                    "action": "asg",
-                    "budget_percent": 50,
-                    "desired_capacity_from": "action",
-                }
-            ],
-            "response": {"verify_after_s": VERIFY_S, "max_requests": 3},
+            "pool": [{"name": "web", "action": "asg", **pool}],
+            "response": {"verify_after_s": VERIFY_S, "max_requests": max_requests},
         },
     )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_an_ignored_request_is_made_again_until_the_instance_goes(
+    store: SqlStore, clock: Clock, aws: MotoServer
+) -> None:
+    group = make_group(aws, size=3)
+    pool = {"budget_percent": 50, "desired_capacity_from": "action"}
+    fleet = asg_fleet(store, aws, group.name, pool, max_requests=3)
     try:
         first, second, third = group.instance_ids  # agents on EC2 use the instance id
         fleet.enroll(first, second, third)
@@ -110,21 +111,7 @@ def test_a_request_that_never_takes_is_paged_as_stuck(
     store: SqlStore, clock: Clock, aws: MotoServer
 ) -> None:
     group = make_group(aws, size=1)
-    action = {
-        "type": "aws-autoscaling",
-        "name": "asg",
-        "region": REGION,
-        "endpoint_url": aws.endpoint_url,
-        "group": group.name,
-    }
-    fleet = Fleet(
-        store,
-        {
-            "action": [action],
-            "pool": [{"name": "web", "action": "asg", "budget": 1}],
-            "response": {"verify_after_s": VERIFY_S, "max_requests": 2},
-        },
-    )
+    fleet = asg_fleet(store, aws, group.name, {"budget": 1}, max_requests=2)
     try:
         [instance] = group.instance_ids
         fleet.enroll(instance)
