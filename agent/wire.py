@@ -380,8 +380,10 @@ def verify_enrollment(obj: Any, public_key_factory: Any) -> tuple[str, bytes, di
 # --- manifest statement ----------------------------------------------------------------------
 # A manifest is a gzip stream of JSON lines. Its first line is the *statement*, the signed
 # summary of the whole image; the rest are entries (see docs/manifest.md). The statement holds
-# the Merkle root over every entry, so verifying its signature and recomputing the root verifies
-# the whole manifest, and the collector can register an image from the first line alone.
+# the Merkle root over every entry's content, and ``hints_digest`` over the entries' fast-path
+# hints (mtime, ctime, inode: they differ between copies of one image, so the root leaves them
+# out), so verifying its signature and recomputing both verifies the whole manifest, and the
+# collector can register an image from the first line alone.
 
 STATEMENT_KEYS: Final = frozenset(
     {
@@ -394,6 +396,7 @@ STATEMENT_KEYS: Final = frozenset(
         "tool_version",
         "root",
         "entries",
+        "hints_digest",
         "packages_digest",
         "key_id",
         "sig",

@@ -1,0 +1,204 @@
+"""Judging differences: a baseline entry against a measurement, by the policy.
+
+``compare_entry`` is the one judge that ``check``, the realtime guard and rescans all use;
+``compare_tree`` runs it over a whole walk against a baseline. A ``Finding`` is reported
+whether or not it is drift (a change under a mutable path is a finding with ``drift`` false);
+``docs/check-output.md`` describes the wire shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent import record
+from agent.measure import Entry, Same, full_path, hash_file, order_key, root_prefix
+from agent.policy import Decision, Policy
+from agent.wire import encode_path
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One path that differs from the baseline, and the policy's verdict on it."""
+
+    path: str
+    change: str  # "added" | "removed" | "modified"
+    fields: tuple[str, ...]
+    rule: str
+    kind: str  # the deciding rule's kind: immutable, critical, mutable, first_boot, ...
+    drift: bool
+    severity: str
+    reason: str
+    before: Entry | None
+    after: Entry | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "type": "file",
+            "path": encode_path(self.path),
+            "change": self.change,
+            "fields": list(self.fields),
+            "rule": self.rule,
+            "class": self.kind,
+            "drift": self.drift,
+            "severity": self.severity,
+            "reason": self.reason,
+            "before": record.to_json(self.before) if self.before is not None else None,
+            "after": record.to_json(self.after) if self.after is not None else None,
+        }
+
+
+def changed_fields(before: Entry, after: Entry) -> tuple[str, ...]:
+    """The policy attributes (``policy.ATTRIBUTES``) in which two entries of a path differ.
+
+    Content counts as changed when both digests are known and differ, or when one side could
+    not be read (unreadable, unstable, too large): it cannot be confirmed. Content that was
+    not measured (a rule that ignores it) is not a change.
+    ``hardlinks`` is the link count, and the identity when both walks recorded one.
+    """
+    changed = []
+    if before.type != after.type:
+        changed.append("type")
+    if before.mode != after.mode:
+        changed.append("mode")
+    if before.uid != after.uid:
+        changed.append("uid")
+    if before.gid != after.gid:
+        changed.append("gid")
+    if before.size != after.size:
+        changed.append("size")
+    if _content_changed(before, after):
+        changed.append("content")
+    if before.target != after.target:
+        changed.append("target")
+    if before.xattrs != after.xattrs:
+        changed.append("xattrs")
+    if before.nlink != after.nlink or (
+        before.hardlink is not None
+        and after.hardlink is not None
+        and before.hardlink != after.hardlink
+    ):
+        changed.append("hardlinks")
+    if before.rdev != after.rdev:
+        changed.append("device")
+    if before.mtime_ns != after.mtime_ns:
+        changed.append("mtime")
+    return tuple(changed)
+
+
+def _content_changed(before: Entry, after: Entry) -> bool:
+    if before.type != "file" or after.type != "file":
+        return False  # a change of type is reported as such
+    if before.digest is not None and after.digest is not None:
+        return before.digest != after.digest
+    return before.state != after.state
+
+
+def compare_entry(
+    before: Entry | None,
+    after: Entry | None,
+    decision: Decision,
+    policy: Policy,
+    *,
+    first_boot: bool,
+    root: Path | None = None,
+) -> Finding | None:
+    """Judge one path: a ``Finding``, or None when nothing the deciding rule looks at changed
+    (or the path is excluded). A path added or removed is always a finding, drift or not.
+
+    ``root`` lets a growth-only rule confirm that a file only grew, by hashing the first
+    ``before.size`` bytes of the file as it is now; without it a growth is not assumed.
+    """
+    if decision.excluded:
+        return None
+    fields: tuple[str, ...] = ()
+    if before is None:
+        if after is None:
+            return None
+        change, path = "added", after.path
+    elif after is None:
+        change, path = "removed", before.path
+    else:
+        path = after.path
+        fields = changed_fields(before, after)
+        if not set(fields) & decision.attributes:
+            return None  # only attributes this rule ignores changed
+        change = "modified"
+    grew_only = (
+        decision.kind == "growth_only"
+        and before is not None
+        and after is not None
+        and root is not None
+        and _grew_only(root, before, after)
+    )
+    verdict = policy.verdict(decision, change, fields, first_boot=first_boot, grew_only=grew_only)
+    return Finding(
+        path=path,
+        change=change,
+        fields=fields,
+        rule=decision.rule,
+        kind=decision.kind,
+        drift=verdict.drift,
+        severity=verdict.severity,
+        reason=verdict.reason,
+        before=before,
+        after=after,
+    )
+
+
+def _grew_only(root: Path, before: Entry, after: Entry) -> bool:
+    if before.type != "file" or after.type != "file" or after.size < before.size:
+        return False
+    if before.digest is None:
+        return False
+    path = full_path(root_prefix(root), after.path)
+    return hash_file(path, before.size) == before.digest
+
+
+class BaselineView(Protocol):
+    """What ``compare_tree`` needs from a baseline (``manifest.Baseline`` has it)."""
+
+    def get(self, path: str) -> Entry | None: ...
+
+    def paths(self) -> Iterable[str]: ...
+
+
+def compare_tree(
+    baseline: BaselineView,
+    measured: Iterable[Entry | Same],
+    policy: Policy,
+    *,
+    first_boot: bool,
+    root: Path | None = None,
+    skipped: Sequence[str] = (),
+) -> Iterator[Finding]:
+    """Every finding between a baseline and a walk of the tree, in manifest order.
+
+    Paths the walk found unchanged (``Same``) are not compared again. Paths in the baseline
+    that the walk did not see are removed, unless they lie under one of the ``skipped`` mount
+    points (read once the walk is over: ``Walk.skipped``).
+    """
+    seen: set[str] = set()
+    found: list[Finding] = []
+    for item in measured:
+        seen.add(item.path)
+        if isinstance(item, Same):
+            continue
+        before = baseline.get(item.path)
+        finding = compare_entry(
+            before, item, policy.decide(item.path), policy, first_boot=first_boot, root=root
+        )
+        if finding is not None:
+            found.append(finding)
+    hidden = tuple(p + "/" for p in skipped)
+    for path in baseline.paths():
+        if path not in seen and not (path in skipped or path.startswith(hidden)):
+            finding = compare_entry(
+                baseline.get(path), None, policy.decide(path), policy, first_boot=first_boot
+            )
+            if finding is not None:
+                found.append(finding)
+    found.sort(key=lambda f: order_key(f.path))
+    yield from found
