@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1, help="tree generator seed (default 1)")
     parser.add_argument("--quick", action="store_true", help="small tree, one run, no /usr")
     parser.add_argument("--runs", type=int, help="measured warm runs (default 3)")
-    parser.add_argument("--cold-runs", type=int, help="measured cold runs (default 3; 0: none)")
+    parser.add_argument("--cold-runs", type=int, help="measured cold runs (default 1; 0: none)")
     parser.add_argument("--no-usr", action="store_true", help="skip the copy of /usr")
     parser.add_argument("--profile", action="store_true", help="py-spy profile of bake/check")
     parser.add_argument(
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shape=shape,
             seed=args.seed,
             runs=args.runs if args.runs is not None else (1 if quick else 3),
-            cold_runs=args.cold_runs if args.cold_runs is not None else (1 if quick else 3),
+            cold_runs=args.cold_runs if args.cold_runs is not None else 1,
             usr_copy=not (quick or args.no_usr),
             profile=args.profile,
             cold_refusal=cold_cache_refusal(),

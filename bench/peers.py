@@ -5,7 +5,8 @@
   mtime, ctime, ACLs, xattrs, SELinux, capabilities), its database under the work directory.
   AIDE runs with its default of one hashing worker; a second row with ``num_workers=2`` shows
   what the same machine gives it with both cores.
-- **sha256sum** over ``find -print0 | xargs -0 -P2``: the simple limit for hashing every file.
+- **sha256sum** over ``find -print0 | xargs -0 -P2``: the simple limit for hashing every file,
+  and ``bench/walker.py``, the plainest two-thread Python sha256 walker.
 - **debsums -s**: verify every installed package's files against the dpkg md5sums.
 - **disk limits**: ``cat`` of every file (two readers, as the tools use two cores), ``dd`` of the
   files over 1 MiB (sequential bandwidth), and a bare ``find -printf`` stat walk.
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Final
 
@@ -69,6 +71,11 @@ def sha256sum(root: Path) -> Command:
             root,
         ),
     )
+
+
+def python_walker(root: Path) -> Command:
+    walker = Path(__file__).resolve().parent / "walker.py"
+    return Command("python sha256 walker (2 threads)", (sys.executable, str(walker), str(root)))
 
 
 def read_all(root: Path) -> Command:

@@ -59,7 +59,8 @@ def _section(subject: Subject, slug: str, agent: Agent, settings: Settings) -> S
 
     warm = _by_label(
         [timed(c, "warm") for c in (bake, check, full, aide.init(), aide_two.init(), aide.check())]
-        + [timed(peers.sha256sum(root), "warm"), timed(peers.read_all(root), "warm")]
+        + [timed(peers.sha256sum(root), "warm"), timed(peers.python_walker(root), "warm")]
+        + [timed(peers.read_all(root), "warm")]
         + [timed(peers.stat_walk(root), "warm", size=0)]
     )
     cold: dict[str, Measurement] = {}
@@ -98,6 +99,7 @@ def _rows(found: dict[str, Measurement]) -> tuple[Row, ...]:
         "driftwarden bake": "aide --init",
         "aide --init (num_workers=2)": "aide --init",
         "sha256sum (xargs -P2)": "aide --init",
+        "python sha256 walker (2 threads)": "aide --init",
         "driftwarden check": "aide --check",
         "driftwarden check --full": "aide --check",
     }
