@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Final
 
 from bench.driftwarden import Agent
-from bench.machine import ensure_tools, facts
+from bench.machine import ensure_tools, facts, load
 from bench.measure import BenchError, cold_cache_refusal
 from bench.report import render
 from bench.settings import Settings
@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or (OUT / "performance.md" if quick else REPO / "docs" / "performance.md")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="driftwarden-bench-", dir="/var/tmp"))
     logs = OUT / "logs"
+    load_at_start = load()
     try:
         suites = chosen(args.suite)
         installed = ensure_tools()
@@ -97,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections = [section for _, suite in suites for section in suite(settings)]
         text = render(
             sections,
-            facts=facts(workdir, Agent(REPO, workdir).version()),
+            facts=facts(workdir, Agent(REPO, workdir).version(), load_at_start=load_at_start),
             command_line=command_line,
             how=HOW,
         )

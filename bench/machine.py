@@ -35,12 +35,17 @@ def ensure_tools(commands: Sequence[str] = tuple(TOOLS)) -> list[str]:
     return missing
 
 
-def facts(workdir: Path, driftwarden: str) -> dict[str, str]:
+def load() -> str:
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def facts(workdir: Path, driftwarden: str, *, load_at_start: str) -> dict[str, str]:
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "CPU": _cpu_model(),
         "cores": str(os.cpu_count()),
         "memory": _memory(),
+        "load average (1/5/15 min)": f"{load_at_start} at the start, {load()} at the end",
         "kernel": platform.release(),
         "OS": _os_release(),
         "virtualisation": _output(["systemd-detect-virt"]) or "unknown",

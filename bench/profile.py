@@ -18,6 +18,9 @@ from bench.driftwarden import Agent
 from bench.report import Section
 
 TOP: Final = 12
+# Frames every sample passes through (entry points, thread plumbing): left out of the
+# inclusive ranking, which is about where the work is.
+PLUMBING: Final = ("(<frozen runpy>)", "(agent/__main__.py)", "(threading.py)", "(agent/cli.py)")
 
 
 def profile_section(agent: Agent, root: Path, slug: str, logs: Path) -> Section:
@@ -65,7 +68,8 @@ def summarise(label: str, collapsed: str) -> str:
         total += count
         own[frames[-1]] += count
         for frame in set(frames):
-            inclusive[frame] += count
+            if not any(part in frame for part in PLUMBING):
+                inclusive[frame] += count
     if not total:
         return f"**{label}**: no samples (the run was too short or idle)."
     lines = [
