@@ -10,6 +10,7 @@ Logs of every command go to ``bench/out/logs/``.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import shutil
 import sys
@@ -111,7 +112,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text(text + kept_sections(out))
     print(text)
     print(f"wrote {out}; logs in {logs}", file=sys.stderr)
     return 0
+
+
+_SECTION = re.compile(r"^<!-- (\w+):begin -->$.*?^<!-- \1:end -->$", re.MULTILINE | re.DOTALL)
+
+
+def kept_sections(report: Path) -> str:
+    """The sections other benchmarks own in an existing report (between ``<!-- NAME:begin -->``
+    and ``<!-- NAME:end -->``), to be carried over when this harness rewrites the file."""
+    try:
+        old = report.read_text()
+    except FileNotFoundError:
+        return ""
+    return "".join("\n" + m.group(0) + "\n" for m in _SECTION.finditer(old))
