@@ -16,9 +16,10 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
     return bake_image(tmp_path_factory.mktemp("image"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory, image: Image) -> Iterator[World]:
-    """One collector for a module's hosts, the image registered."""
+    """One collector for every test's hosts (each test has hosts of its own), the image
+    registered."""
     world = World(tmp_path_factory.mktemp("collector"), image).start()
     try:
         world.register_image()

@@ -3,10 +3,9 @@ process; everything is seen through the SRE API and the ``driftwarden`` command.
 
 from __future__ import annotations
 
-import contextlib
 import json
+import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent import wire
-from tests.e2e.world import BUILD_ID, STATE_TIMEOUT_S, Agent, Image, World, agents, logins
+from tests.e2e.world import BUILD_ID, STATE_TIMEOUT_S, Agent, World, logins
 from tests.sshd import Sshd, SshUser, local_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -57,7 +56,6 @@ def test_a_host_enrolls_then_is_clean_in_the_api_and_the_cli(
     shown = world.cli("host", agent.host_id)
     assert "state          clean" in shown and "transitions:" in shown
     assert "spool_state" in shown  # the agent's health, from its last heartbeat
-    assert json.loads(world.cli("host", agent.host_id, "--json"))["state"] == "clean"
 
     events = world.cli("events", agent.host_id).splitlines()
     assert events[0].split() == ["AT", "TYPE", "SEQ", "WHAT"]
@@ -68,7 +66,7 @@ def test_a_host_enrolls_then_is_clean_in_the_api_and_the_cli(
     assert data["host_id"] == agent.host_id and data["events"]
 
     fleet = world.cli("fleet")
-    assert "clean" in fleet and BUILD_ID in fleet
+    assert re.search(rf"^{BUILD_ID}\s+\d+\s+yes$", fleet, re.MULTILINE), fleet
     summary = json.loads(world.cli("fleet", "--json"))
     assert summary["states"]["clean"] >= 1
     assert {"build_id": BUILD_ID, "registered": True}.items() <= next(
@@ -153,20 +151,15 @@ def test_an_ssh_login_taints_the_host_with_who_and_how(
 
 
 def test_kill_9_then_restart_is_suspect_and_nothing_is_lost(
-    image: Image, tmp_path: Path, sshd: Sshd, ssh_user: SshUser
+    world: World, new_agent: NewAgent, sshd: Sshd, ssh_user: SshUser
 ) -> None:
     """The agent is killed while reports wait in its spool (the collector is down): after
     both come back, every report arrives once, and the unclean stop is evidence."""
-    directory = tmp_path / "collector"
-    directory.mkdir()
-    world = World(directory, image).start()
-    with contextlib.ExitStack() as stack:
-        stack.callback(world.close)
-        world.register_image()
-        agent = stack.enter_context(agents(world, tmp_path))(auth_log=sshd.log_path)
-        agent.start_clean()
+    agent = new_agent(auth_log=sshd.log_path)
+    agent.start_clean()
 
-        world.server.stop()
+    world.server.stop()
+    try:
         client = sshd.connect(password=ssh_user.password)
         port = local_port(client)
         wait_until(
@@ -176,26 +169,24 @@ def test_kill_9_then_restart_is_suspect_and_nothing_is_lost(
         )
         agent.kill()
         client.close()
-
+    finally:
         world.server.start()
-        agent.start()
-        host = world.wait_state(agent.host_id, "suspect")
-        assert host["state_cause"] == "unclean_stop"
-        starts = world.reports(agent.host_id, "agent_start")
-        assert [s["body"]["previous_stop"] for s in starts] == ["first", "unclean"]
+    agent.start()
+    host = world.wait_state(agent.host_id, "suspect")
+    assert host["state_cause"] == "unclean_stop"
+    starts = world.reports(agent.host_id, "agent_start")
+    assert [s["body"]["previous_stop"] for s in starts] == ["first", "unclean"]
 
-        wait_until(
-            lambda: not agent.spooled(), timeout_s=STATE_TIMEOUT_S, what="the spool to drain"
-        )
-        reports = world.reports(agent.host_id)
-        seqs = [r["seq"] for r in reports]
-        assert seqs == list(range(1, len(seqs) + 1))  # no hole, nothing twice
-        (finding,) = logins(reports, port)
-        assert finding["user"] == ssh_user.name and finding["method"] == "password"
-        host = world.host(agent.host_id)
-        assert host is not None and host["envelopes"] == len(seqs)
-        assert "sequence_gap" not in [t["cause"] for t in host["transitions"]]
-        assert agent.rejected() == []
+    wait_until(lambda: not agent.spooled(), timeout_s=STATE_TIMEOUT_S, what="the spool to drain")
+    reports = world.reports(agent.host_id)
+    seqs = [r["seq"] for r in reports]
+    assert seqs == list(range(1, len(seqs) + 1))  # no hole, nothing twice
+    (finding,) = logins(reports, port)
+    assert finding["user"] == ssh_user.name and finding["method"] == "password"
+    host = world.host(agent.host_id)
+    assert host is not None and host["envelopes"] == len(seqs)
+    assert "sequence_gap" not in [t["cause"] for t in host["transitions"]]
+    assert agent.rejected() == []
 
 
 def test_a_forged_envelope_for_the_host_is_refused(world: World, new_agent: NewAgent) -> None:
