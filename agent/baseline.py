@@ -20,7 +20,7 @@ from agent import keys
 from agent.compare import Finding, PackageFinding, compare_packages, compare_tree
 from agent.errors import EXIT_DRIFT, EXIT_OK, AgentError, PolicyError
 from agent.manifest import Baseline, ManifestWriter, load_baseline, read_head
-from agent.packages import read_packages
+from agent.packages import PackageSet, read_packages
 from agent.policy import Policy, load_policy
 from agent.walk import Walk
 from agent.wire import display_path
@@ -103,6 +103,8 @@ class CheckResult:
     skipped: tuple[str, ...]
     seconds: float
     verified: bool
+    packages: PackageSet  # the package set read from the root during the check
+    own: frozenset[str] = frozenset()  # the tool's own files inside the root, not measured
 
     @property
     def drift(self) -> bool:
@@ -154,6 +156,8 @@ def run_check(
         skipped=tuple(walk.skipped),
         seconds=time.monotonic() - started,
         verified=public_key is not None,
+        packages=current_packages,
+        own=ignore,
     )
     log.info(
         "check_finished",

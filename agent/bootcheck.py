@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from agent import keys, wire
-from agent.baseline import run_check
+from agent.baseline import CheckResult, run_check
 from agent.config import AgentSection
 from agent.identity import Identity
 from agent.policy import Policy
@@ -33,6 +33,7 @@ class BootCheck:
     clean: bool = False
     untrusted: bool = False
     policy: Policy | None = None  # the policy judged by (the baked one unless configured)
+    result: CheckResult | None = None  # the check itself: baseline, packages, own files
 
 
 def image_of(section: AgentSection, ident: Identity) -> dict[str, Any]:
@@ -109,4 +110,4 @@ def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootC
         "stats": stats,
     }
     log.info("boot_check_finished", clean=clean, **stats)
-    return BootCheck(image, body, clean=clean, policy=policy)
+    return BootCheck(image, body, clean=clean, policy=policy, result=result)

@@ -19,9 +19,18 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
+from agent.guard import BACKENDS, GuardConfig
+from agent.pkgwatch import PackageWatchConfig
+from agent.policy import GLOB_CHARS
+from agent.rescan import RescanConfig
 
 DEFAULT_CONFIG: Final = Path("/etc/driftwarden/agent.toml")
 MAX_BATCH_BODY_BYTES: Final = 4 << 20  # protocol.md: a report body is at most 4 MiB
+GUARD_BACKENDS: Final = (*BACKENDS, "none")
+MAX_NICE: Final = 19
+_GUARD: Final = GuardConfig()
+_RESCAN: Final = RescanConfig()
+_PACKAGES: Final = PackageWatchConfig()
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,23 @@ class SpoolSection:
 @dataclass(frozen=True)
 class PackagesSection:
     watch: bool = True
-    poll_interval_s: float = 10.0
+    settle_s: float = _PACKAGES.settle_s
+    retry_s: float = _PACKAGES.retry_s
+
+
+@dataclass(frozen=True)
+class GuardSection:
+    backend: str = "auto"
+    coalesce_s: float = _GUARD.coalesce_s
+
+
+@dataclass(frozen=True)
+class RescanSection:
+    metadata_interval_s: float = _RESCAN.metadata_interval_s
+    fallback_interval_s: float = _RESCAN.fallback_interval_s
+    full_rehash_period_s: float = _RESCAN.full_rehash_period_s
+    io_budget_mb_s: float = _RESCAN.io_budget_mb_s
+    nice: int = _RESCAN.nice
 
 
 @dataclass(frozen=True)
@@ -97,6 +122,8 @@ class AgentConfig:
     spool: SpoolSection = SpoolSection()
     packages: PackagesSection = PackagesSection()
     logins: LoginsSection = LoginsSection()
+    guard: GuardSection = GuardSection()
+    rescan: RescanSection = RescanSection()
 
     def token(self) -> Secret:
         """The enrollment token: the key itself, else the first line of ``enroll_token_file``."""
@@ -120,6 +147,8 @@ SECTIONS: Final[dict[str, type[Any]]] = {
     "spool": SpoolSection,
     "packages": PackagesSection,
     "logins": LoginsSection,
+    "guard": GuardSection,
+    "rescan": RescanSection,
 }
 
 # Flags of `driftwarden-agent run` and the key each one overrides.
@@ -250,6 +279,19 @@ def _check(config: AgentConfig, where: str, *, check_files: bool) -> None:
             raise ConfigError(f"{where}: {key} = '{path}' is not a readable file")
     if check_files and not agent.root.is_dir():
         raise ConfigError(f"{where}: [agent] root = '{agent.root}' is not a directory")
+    if config.guard.backend not in GUARD_BACKENDS:
+        raise ConfigError(
+            f"{where}: [guard] backend = {config.guard.backend!r} is not one of "
+            f"{list(GUARD_BACKENDS)}"
+        )
+    if config.rescan.nice > MAX_NICE:
+        raise ConfigError(f"{where}: [rescan] nice = {config.rescan.nice} is above {MAX_NICE}")
+    for key, own in (("state_dir", agent.state_dir), ("baseline", agent.baseline)):
+        if own is not None and GLOB_CHARS.intersection(str(own)):
+            raise ConfigError(
+                f"{where}: [agent] {key} = '{own}' has one of * ? [ (the guard excludes the "
+                "agent's own files by path)"
+            )
     if collector.enroll_token and collector.enroll_token_file is not None:
         raise ConfigError(f"{where}: [collector] set enroll_token or enroll_token_file, not both")
     if collector.url:

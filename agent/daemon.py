@@ -3,18 +3,24 @@
 Start: load and validate the configuration, establish the host's identity and key, open the
 spool and the chain, start the sender, report ``agent_start``, verify the baked manifest and
 run the boot check (first-boot allowances only on this host's first boot), report it, tell
-systemd READY, then guard: heartbeats, the event sources, watchdog pings. Signal handlers only
-record the signal; the loop acts on it. Shutdown is ordered and idempotent: stop intake, report
-``agent_stop``, flush the spool (bounded), stop the sender, record the clean stop.
+systemd READY, then guard: the watching parts (``agent.watchers``: rescans, the realtime file
+guard, the package watch) on their own threads, and on the loop the SSH login source,
+heartbeats and watchdog pings. Findings from the watching parts reach the loop through a queue
+and are written to the spool here. Signal handlers only record the signal; the loop acts on
+it. Shutdown is ordered and idempotent: stop intake (the watching parts in reverse order, the
+sources), report what they found and ``agent_stop``, flush the spool (bounded), stop the
+sender, record the clean stop.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import signal
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,8 +48,9 @@ from agent.policy import load_policy
 from agent.reporter import Reporter
 from agent.sdnotify import Notifier
 from agent.sender import CollectorClient, Enrollment, Sender
-from agent.sources import LoginSource, PackageSource
+from agent.sources import LoginSource
 from agent.spool import Spool
+from agent.watchers import Outbox, Watchers
 
 LIFECYCLE_FILE: Final = "lifecycle.json"
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
@@ -88,6 +95,11 @@ class SignalReceiver:
 
     def _record(self, signum: int, _frame: FrameType | None) -> None:
         self.received.append(signum)
+
+    def wake(self) -> None:
+        """End the loop's sleep (from any thread)."""
+        with contextlib.suppress(OSError):  # full: a wake-up is pending; closed: stopping
+            self._writer.send(b"\0")
 
     def sleep(self, timeout_s: float) -> None:
         if self.received:
@@ -136,6 +148,14 @@ class Lifecycle:
             log.error("lifecycle_unwritable", path=str(self.path), error=advice(exc))
 
 
+def _once_exit_code(check: bootcheck.BootCheck, *, baseline_configured: bool) -> int:
+    if check.untrusted:
+        return EXIT_UNTRUSTED
+    if check.body is None and check.integrity and baseline_configured:
+        return EXIT_ERROR
+    return EXIT_DRIFT if check.body is not None and not check.clean else EXIT_OK
+
+
 def _now() -> str:
     from agent.wire import utc_now
 
@@ -158,12 +178,12 @@ class Daemon:
         self._signals = SignalReceiver()
         self._notifier = Notifier(self._environ)
         self._sources: list[Source] = []
+        self._outbox = Outbox(self._signals.wake)
+        self._watchers: Watchers | None = None
         self._sender: Sender | None = None
         self._client: CollectorClient | None = None
         self._started = time.monotonic()
         self._stopped = False
-        self._watch_backend = "none"
-        self._last_rescan: str | None = None
         self._image: dict[str, Any] = {}
 
     # --- start -----------------------------------------------------------------------------
@@ -214,7 +234,7 @@ class Daemon:
                 "version": agent_version(),
                 "pid": os.getpid(),
                 "previous_stop": previous_stop,
-                "watch_backend": self._watch_backend,
+                "watch_backend": "none",  # the guard starts after the boot check
                 "image": self._image,
             },
         )
@@ -223,7 +243,10 @@ class Daemon:
             self.reporter.report("boot", check.body)
         for finding in check.integrity:
             self.reporter.report("finding", {"source": "integrity", "findings": [finding]})
-        self._sources = self._make_sources(check)
+        if not self.once:
+            self._sources = self._make_sources(check)
+            self._watchers = Watchers(self.config, check, self._outbox, first_boot=first_boot)
+            self._watchers.start()
         identity.mark_first_boot(state_dir, self.identity)
         log.info(
             "agent_started",
@@ -236,11 +259,8 @@ class Daemon:
         if self.once:
             self._heartbeat()
             self.shutdown("shutdown")
-            if check.untrusted:
-                return EXIT_UNTRUSTED
-            if check.body is None and check.integrity and self.config.agent.baseline:
-                return EXIT_ERROR
-            return EXIT_DRIFT if check.body is not None and not check.clean else EXIT_OK
+            return _once_exit_code(check, baseline_configured=agent.baseline is not None)
+        del check  # the baseline lives on in the judge only
         self._loop()
         return EXIT_OK
 
@@ -262,22 +282,12 @@ class Daemon:
             return bootcheck.failed("boot_check_failed", f"{type(exc).__name__}: {exc}", *args)
 
     def _make_sources(self, check: bootcheck.BootCheck) -> list[Source]:
-        """The event sources to poll (none for --once). The realtime file guard joins here."""
+        """The event sources the loop polls (the watching parts run on their own threads)."""
         sources: list[Source] = []
-        if self.once:
-            return sources
         if self.config.logins.watch:
             mode = check.policy.ssh_login if check.policy else "taint"
             sources.append(
                 LoginSource(self.config.agent.state_dir, self.config.logins, ssh_login=mode)
-            )
-        packages = self.config.packages
-        if packages.watch:
-            mode = check.policy.package_change if check.policy else "drift"
-            sources.append(
-                PackageSource(
-                    self.config.agent.root, package_change=mode, interval_s=packages.poll_interval_s
-                )
             )
         return sources
 
@@ -312,7 +322,7 @@ class Daemon:
     def _loop(self) -> None:
         agent = self.config.agent
         now = time.monotonic()
-        next_heartbeat = now + agent.heartbeat_interval_s
+        next_heartbeat = now  # the first heartbeat says which watch backend runs
         watchdog = self._notifier.watchdog_interval_s
         next_ping = now + watchdog / 2 if watchdog else float("inf")
         self._notifier.watchdog()
@@ -323,6 +333,7 @@ class Daemon:
                     self.shutdown("signal")
                     return
                 log.info("signal_ignored", signal=signal.Signals(signum).name)
+            self._report_emitted()
             self._poll_sources()
             self.reporter.spool.retry()
             now = time.monotonic()
@@ -349,15 +360,21 @@ class Daemon:
             except Exception:
                 log.exception("source_commit_failed", source=source.name)
 
+    def _report_emitted(self) -> None:
+        """Queue durably what the watching parts found (they hand it over, never write)."""
+        for source, findings in self._outbox.drain():
+            self.reporter.report("finding", {"source": source, "findings": findings})
+
     def health(self) -> dict[str, Any]:
         spool = self.reporter.spool.health()
+        watch = self._watchers.health() if self._watchers else None
         return {
-            "watch_backend": self._watch_backend,
-            "overflows": 0,
+            "watch_backend": watch.watch_backend if watch else "none",
+            "overflows": watch.overflows if watch else 0,
             "spool_depth": spool.depth,
             "rejected": spool.rejected,
-            "last_rescan": self._last_rescan,
-            "last_full_rehash": None,
+            "last_rescan": watch.last_rescan if watch else None,
+            "last_full_rehash": watch.last_full_rehash if watch else None,
             "uptime_s": round(time.monotonic() - self._started, 3),
             "version": agent_version(),
             "spool_state": spool.state,
@@ -379,11 +396,14 @@ class Daemon:
             return
         self._stopped = True
         self._notifier.stopping()
+        if self._watchers is not None:
+            self._watchers.stop()
         for source in self._sources:
             try:
                 source.close()
             except Exception:
                 log.exception("source_close_failed", source=source.name)
+        self._report_emitted()
         self.reporter.report("agent_stop", {"reason": reason})
         timeout_s = self.config.collector.stop_timeout_s
         flushed = True
@@ -398,7 +418,14 @@ class Daemon:
             log.error("reports_lost_at_exit", in_memory=spool.in_memory, advice="free disk space")
         else:
             self._lifecycle.record("stopped", reason=reason)
-        log.info("agent_stopped", reason=reason, flushed=flushed, spool_depth=spool.depth)
+        left = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread())
+        log.info(
+            "agent_stopped",
+            reason=reason,
+            flushed=flushed,
+            spool_depth=spool.depth,
+            threads_left=left,
+        )
         self._notifier.close()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -76,6 +76,7 @@ SEVERITIES: Final = ("info", "warning", "critical")
 SSH_LOGIN_MODES: Final = ("taint", "alert", "allow")
 PACKAGE_MODES: Final = ("drift", "alert", "allow")
 CHANGES: Final = ("added", "removed", "modified")
+GLOB_CHARS: Final = frozenset("*?[")
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +185,18 @@ class Policy:
             return True
         rule = matched[0]
         return "content" in rule.attributes or rule.kind == "growth_only"
+
+    def excluding(self, paths: Iterable[str]) -> Policy:
+        """This policy with ``paths`` (literal absolute paths, and all below them) excluded
+        too: the agent's own files inside the root. The digest stays the baked policy's."""
+        added = tuple(p.rstrip("/") or "/" for p in paths if not self.excluded(p))
+        for path in added:
+            if not path.startswith("/") or GLOB_CHARS.intersection(path):
+                raise PolicyError(f"cannot exclude {path!r}: not an absolute path free of *?[")
+        if not added:
+            return self
+        excludes = (*self.excludes, *added)
+        return replace(self, excludes=excludes, _exclude_re=_combine_excludes(excludes))
 
     def explain(self, path: str) -> str:
         """A human explanation: the deciding rule, plus later rules it shadows."""

@@ -1,8 +1,6 @@
-"""Event sources the daemon's loop polls, each behind the small ``daemon.Source`` seam.
-
-- ``PackageSource``: re-reads the package database (``agent.packages``) when its files change
-  and reports packages installed, removed or changed, judged by the policy's
-  ``package_change`` (``drift``, ``alert`` or ``allow``).
+"""Event sources the daemon's loop polls, each behind the small ``daemon.Source`` seam
+(the file guard, rescans and the package watch run on threads of their own:
+``agent.watchers``).
 
 - ``LoginSource``: SSH logins from ``agent.logins.LoginWatcher`` (journal, auth logs, utmp),
   each judged by the policy's ``ssh_login`` (``taint``, ``alert`` or ``allow``).
@@ -13,97 +11,14 @@ its position only then, so a crash in between repeats an event rather than losin
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from agent.config import LoginsSection
-from agent.errors import PackageDbError
 from agent.logins import LoginWatcher, default_sources
-from agent.packages import PackageSet, database_paths, diff_packages, read_packages
 
-log = structlog.get_logger(__name__)
-
-_VERDICTS = {"drift": (True, "warning"), "alert": (False, "warning"), "allow": (False, "info")}
 _LOGIN_SEVERITY = {"taint": "critical", "alert": "warning", "allow": "info"}
 _OPENING = frozenset({"accepted", "session_open"})
-
-
-def _fingerprint(paths: list[Path]) -> tuple[Any, ...]:
-    """Changes when any database file or directory (or anything directly in it) changes."""
-    out: list[Any] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append((str(path), None))
-            continue
-        out.append((str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-        if os.path.isdir(path):
-            with os.scandir(path) as entries:
-                for entry in sorted(entries, key=lambda e: e.name):
-                    info = entry.stat(follow_symlinks=False)
-                    out.append((entry.name, info.st_size, info.st_mtime_ns))
-    return tuple(out)
-
-
-class PackageSource:
-    name = "packages"
-
-    def __init__(self, root: Path, *, package_change: str, interval_s: float) -> None:
-        self._root = root
-        self._drift, self._severity = _VERDICTS[package_change]
-        self._interval_s = interval_s
-        self._next = time.monotonic() + interval_s
-        self._paths = database_paths(root)
-        self._seen = _fingerprint(self._paths)
-        self._packages = self._read() or PackageSet("none", ())
-
-    def _read(self) -> PackageSet | None:
-        try:
-            return read_packages(self._root)
-        except PackageDbError as exc:  # e.g. read in the middle of an upgrade: try again later
-            log.warning("package_db_unreadable", error=str(exc))
-            return None
-
-    def poll(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
-        if now < self._next:
-            return []
-        self._next = now + self._interval_s
-        fingerprint = _fingerprint(self._paths)
-        if fingerprint == self._seen:
-            return []
-        current = self._read()
-        if current is None:
-            return []
-        self._seen = fingerprint
-        changes = diff_packages(self._packages, current)
-        self._packages = current
-        if changes:
-            log.warning("packages_changed", count=len(changes))
-        return [
-            {
-                "type": "package",
-                "change": c.change,
-                "name": c.name,
-                "arch": c.arch,
-                "before": c.before,
-                "after": c.after,
-                "drift": self._drift,
-                "severity": self._severity,
-            }
-            for c in changes
-        ]
-
-    def commit(self) -> None:
-        return
-
-    def close(self) -> None:
-        return
 
 
 class LoginSource:

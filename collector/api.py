@@ -30,6 +30,7 @@ from collector.ingest import Ingestor
 from collector.jobs import Registry, Worker, WorkerThread
 from collector.metrics import CONTENT_TYPE, Metrics
 from collector.model import Role
+from collector.response import routes as response_routes
 from collector.services import Services, services
 from collector.store import SqlStore, open_store
 
@@ -174,6 +175,7 @@ def create_app(
     _public_routes(app)
     _agent_routes(app)
     app.include_router(sre.router)
+    app.include_router(response_routes.router)
 
     @app.get("/openapi.json", tags=["meta"], dependencies=[Depends(auth.require(Role.VIEWER))])
     def openapi() -> dict[str, Any]:

@@ -26,6 +26,7 @@ from collector import logs, tables
 from collector.client import ApiClient
 from collector.errors import EXIT_ERROR, EXIT_OK, CollectorError, ConfigError
 from collector.model import HostState, Role
+from collector.response import cli as response_cli
 
 Handler = Callable[[argparse.Namespace], int]
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -187,6 +188,7 @@ def _host(args: argparse.Namespace) -> int:
             parts += ["", "findings:", tables.render(rows, cols)]
         trail = [{**t, "from": t["from"], "to": t["to"]} for t in data["transitions"]]
         parts += ["", "transitions:", tables.render(trail, ("at", "from", "to", "cause", "actor"))]
+        parts += response_cli.host_lines(data)
         return "\n".join(parts)
 
     return _read(args, f"/v1/hosts/{args.host_id}", show)
@@ -371,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("host_id", metavar="ID")
         p.add_argument("--reason", required=True)
         p.set_defaults(handler=_action, action=action)
+    response_cli.add_commands(sub, api, response_cli.Api(_client, _read, _print_json))
     return parser
 
 

@@ -22,6 +22,8 @@ from typing import Any, Final
 
 from collector.errors import ConfigError
 from collector.keys import load_public_key
+from collector.response import config as response_config
+from collector.response.config import ResponseConfig
 
 MIB: Final = 1 << 20
 
@@ -92,6 +94,7 @@ class Config:
     images: ImageConfig = field(default_factory=ImageConfig)
     jobs: JobConfig = field(default_factory=JobConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    response: ResponseConfig = field(default_factory=ResponseConfig)
     source: str = "defaults"
 
     def replace(self, **sections: Any) -> Config:
@@ -102,6 +105,7 @@ SECTIONS: Final[dict[str, type[Any]]] = {
     f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)
 }
 del SECTIONS["source"]
+del SECTIONS["response"]  # [[sink]], [[action]], [[pool]], [response], [breakglass]
 
 _LIMITS: Final[dict[tuple[str, str], tuple[float, float]]] = {
     ("server", "max_body_bytes"): (1024, 64 * MIB),
@@ -141,16 +145,22 @@ def load(path: Path) -> Config:
 def from_mapping(data: dict[str, Any], *, source: str = "config") -> Config:
     sections: dict[str, Any] = {}
     for name, value in data.items():
+        if name in response_config.KEYS:
+            continue
         if name not in SECTIONS:
             raise ConfigError(
                 f"{source}: unknown section [{name}]; known: {', '.join(sorted(SECTIONS))}"
+                f" (and the response's: {', '.join(response_config.KEYS)})"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: [{name}] must be a table, not {value!r}")
         sections[name] = _section(source, name, SECTIONS[name], value)
     config = Config(**sections, source=source)
     _check(config, source)
-    return config
+    response = response_config.load(
+        {k: v for k, v in data.items() if k in response_config.KEYS}, source=source
+    )
+    return config.replace(response=response)
 
 
 def _section(source: str, name: str, cls: type[Any], values: dict[str, Any]) -> Any:

@@ -8,6 +8,8 @@ API turns ``Refused`` into its one error envelope::
     ├── ConfigError                exit 78: bad configuration; systemd must not restart
     ├── StoreError                 the database cannot be opened, migrated or used
     ├── ApiClientError             the SRE CLI could not get an answer from the API
+    ├── SshError                   a break-glass SSH session could not be opened
+    ├── JobFailed                  a job handler's failed attempt: final, or when to retry
     └── Refused                    a request the API refuses: HTTP status, code, details
         ├── AuthError              401: no, unknown or revoked token
         └── ForbiddenError         403: the token's role is too low
@@ -45,6 +47,22 @@ class StoreError(CollectorError):
 
 class ApiClientError(CollectorError):
     pass
+
+
+class SshError(CollectorError):
+    pass
+
+
+class JobFailed(CollectorError):
+    """Raised by a job handler: this attempt failed. ``retryable`` False buries the job at once;
+    ``retry_after_s`` is the soonest the next attempt may run (a receiver's Retry-After)."""
+
+    def __init__(
+        self, message: str, *, retryable: bool = True, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
 
 class Refused(CollectorError):

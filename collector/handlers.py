@@ -5,12 +5,14 @@ from __future__ import annotations
 from collector import silence
 from collector.config import Config
 from collector.jobs import Registry
+from collector.response import runtime as response
 from collector.store import Store
 
 
 def default_registry(store: Store, config: Config) -> Registry:
-    """The built-in handlers: the periodic silence sweep. Alert and replacement handlers
-    (kinds ``alert`` and ``replace``) register here too."""
+    """The built-in handlers: the periodic silence sweep, and the response's alert and
+    replacement handlers (kinds ``alert``, ``deliver``, ``replace``, ``replace_verify``)."""
     registry = Registry()
     registry.register(silence.SWEEP, silence.handler(store, config.verdicts))
+    response.register(registry, store, config)
     return registry

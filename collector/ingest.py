@@ -22,6 +22,7 @@ from collector.config import Config
 from collector.errors import Refused
 from collector.metrics import Metrics
 from collector.model import Host, HostState
+from collector.response import breakglass
 from collector.store import Store, Tx
 from collector.verdicts import Observation, Signal
 
@@ -211,6 +212,7 @@ class Ingestor:
         observations = list(reading.observations)
         if reading.boot is not None:
             observations.extend(self._image_check(tx, reading.boot))
+        observations = breakglass.attribute(tx, host, reading.findings, observations)
         for observation in observations:
             host = transitions.apply(tx, host, observation)
         return host

@@ -7,7 +7,8 @@ the job claimable again, so delivery is at least once. Handlers are registered b
 ``Registry``; the built-in silence sweep uses it as the response sinks and actions do.
 
 A handler returns None when the job is done, or a time to run again (a periodic job); raising
-is a failed attempt, retried with exponential backoff and jitter until ``max_attempts``.
+is a failed attempt, retried with exponential backoff and jitter until ``max_attempts``. A
+``JobFailed`` says more: not retryable (buried at once), or not before ``retry_after_s``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from collector.config import JobConfig
-from collector.errors import StoreError
+from collector.errors import JobFailed, StoreError
 from collector.model import Job
 from collector.store import Store
 
@@ -94,11 +95,14 @@ class Worker:
             again = handler(job)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-            if job.attempts >= self.config.max_attempts:
+            final = isinstance(exc, JobFailed) and not exc.retryable
+            if final or job.attempts >= self.config.max_attempts:
                 self.store.fail(job.job_id, self.name, error, retry_at=None)
                 log.error("job_dead", job_id=job.job_id, kind=job.kind, error=error)
                 return
             delay = backoff(job.attempts, self.config)
+            if isinstance(exc, JobFailed) and exc.retry_after_s is not None:
+                delay = max(delay, exc.retry_after_s)
             retry_at = self.store.clock() + timedelta(seconds=delay)
             self.store.fail(job.job_id, self.name, error, retry_at=retry_at)
             log.warning(

@@ -17,6 +17,7 @@ from collector import auth, cohorts, transitions
 from collector.errors import Refused
 from collector.keys import load_public_key
 from collector.model import ApiToken, HostState, Image, Role, Transition, iso
+from collector.response.routes import host_view
 from collector.services import services
 from collector.verdicts import Observation, Signal
 
@@ -77,6 +78,7 @@ def show_host(request: Request, host_id: str, _: Viewer) -> dict[str, Any]:
         **host.to_json(),
         "findings": [f.to_json() for f in store.findings(host_id, limit=50)],
         "transitions": [t.to_json() for t in store.transitions(host_id, limit=50)],
+        **host_view(request, host_id),
     }
 
 

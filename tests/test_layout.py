@@ -42,3 +42,13 @@ def test_wire_is_stdlib_only() -> None:
 
 def test_agent_package_init_is_empty() -> None:
     assert (REPO / "agent" / "__init__.py").read_text().strip() == ""
+
+
+def test_every_agent_command_is_documented() -> None:
+    from agent.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    readme = (REPO / "README.md").read_text()
+    missing = [name for name in commands if f"driftwarden-agent {name}" not in readme]
+    assert not missing, f"README.md does not document: {missing}"

@@ -21,7 +21,14 @@ import structlog
 
 from collector.actions import aws, command, webhook
 from collector.actions.errors import ActionConfigError, ActionError, MalformedRequestError
-from collector.actions.request import ActionOutcome, ReplacementAction, ReplacementRequest
+from collector.actions.request import (
+    ActionOutcome,
+    CapacityReader,
+    Check,
+    ReplacementAction,
+    ReplacementRequest,
+    Verifier,
+)
 from collector.sinks.registry import Registry
 
 __all__ = [
@@ -29,9 +36,12 @@ __all__ = [
     "ActionConfigError",
     "ActionError",
     "ActionOutcome",
+    "CapacityReader",
+    "Check",
     "MalformedRequestError",
     "ReplacementAction",
     "ReplacementRequest",
+    "Verifier",
     "build_action",
     "build_actions",
 ]

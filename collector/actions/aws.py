@@ -16,6 +16,13 @@ Modes (``mode`` in the ``[[action]]`` table):
 Every mode looks first and answers ``already`` when the instance is on its way out: unhealthy
 (set-unhealthy), terminating or terminated, detaching, detached by us (the tag), or gone. An
 instance in no group, or in another group than ``group`` when that is set, is refused.
+Some time after acting, ``check`` tells whether the instance went away: ``gone`` when it is
+terminating, terminated, detached or no longer in the group; ``leaving`` while it is marked
+Unhealthy and the group has yet to act; ``stayed`` when it is still Healthy and in service —
+what happens when ``SetInstanceHealth`` arrives during the group's health-check grace period,
+which AWS ignores — so the request is made again. With ``group`` set, ``desired_capacity``
+reads the group's DesiredCapacity (``autoscaling:DescribeAutoScalingGroups``).
+
 Permissions: ``autoscaling:DescribeAutoScalingInstances`` and the mode's call,
 ``ec2:DescribeInstances``, and ``ec2:CreateTags`` for ``detach``. Credentials come from the
 usual chain (instance role, environment, profile), never from this table.
@@ -29,7 +36,8 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from collector.actions.request import ActionOutcome, ReplacementRequest, failed, logged
+from collector.actions.errors import ActionError
+from collector.actions.request import ActionOutcome, Check, ReplacementRequest, failed, logged
 from collector.sinks.config import ConfigTable
 
 if TYPE_CHECKING:
@@ -42,6 +50,8 @@ REQUEST_TAG: Final = "driftwarden:replacement-request"
 GROUP_TAG: Final = "driftwarden:detached-from"
 REASON_TAG: Final = "driftwarden:reason"
 MAX_TAG_VALUE: Final = 256
+CALLS_PER_REPLACE: Final = 3  # describe, (tag,) act
+ATTEMPTS_PER_CALL: Final = 2
 GONE_STATES: Final = frozenset({"shutting-down", "terminated"})
 RETRYABLE_CODES: Final = frozenset(
     {
@@ -76,10 +86,11 @@ class AutoScalingAction:
         self.mode = mode
         self.respect_grace_period = respect_grace_period
         self.group = group
+        self.timeout_s = timeout_s * CALLS_PER_REPLACE * ATTEMPTS_PER_CALL
         config = Config(
             connect_timeout=timeout_s,
             read_timeout=timeout_s,
-            retries={"mode": "standard", "total_max_attempts": 2},
+            retries={"mode": "standard", "total_max_attempts": ATTEMPTS_PER_CALL},
         )
         session = boto3.session.Session(region_name=region)
         self._autoscaling: AutoScalingClient = session.client(
@@ -162,6 +173,46 @@ class AutoScalingAction:
                 ShouldDecrementDesiredCapacity=False,
             )
         return ActionOutcome("done", what[0].upper() + what[1:], facts=facts)
+
+    @property
+    def reads_capacity(self) -> bool:
+        return self.group is not None
+
+    def desired_capacity(self) -> int:
+        """The group's DesiredCapacity; ``ActionError`` when it cannot be read."""
+        if self.group is None:
+            raise ActionError(f"{self.name}: no group is set, so no capacity can be read")
+        try:
+            found = self._autoscaling.describe_auto_scaling_groups(
+                AutoScalingGroupNames=[self.group]
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise ActionError(f"{self.name}: cannot read the group: {type(exc).__name__}") from None
+        groups = found.get("AutoScalingGroups", [])
+        if not groups:
+            raise ActionError(f"{self.name}: group {self.group!r} does not exist")
+        return int(groups[0]["DesiredCapacity"])
+
+    def check(self, request: ReplacementRequest) -> Check:
+        """Did the instance go away since the request? (See the module's docstring.)"""
+        instance_id = request.instance_id
+        if instance_id is None:
+            return "unknown"
+        try:
+            found = self._autoscaling.describe_auto_scaling_instances(InstanceIds=[instance_id])
+            details = found.get("AutoScalingInstances", [])
+            if not details:
+                outside = self._outside_group(instance_id)
+                return "gone" if outside.status == "already" else "unknown"
+        except (ClientError, BotoCoreError):
+            return "unknown"
+        state = details[0]
+        lifecycle = state["LifecycleState"]
+        if lifecycle.startswith(("Terminating", "Terminated", "Detaching", "Detached")):
+            return "gone"
+        if state["HealthStatus"].upper() == "UNHEALTHY":
+            return "leaving"
+        return "stayed"
 
     def _outside_group(self, instance_id: str) -> ActionOutcome:
         """The instance is in no group: gone or detached by us is ``already``; else refuse."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, Literal, Protocol, get_args
+from typing import Any, Final, Literal, Protocol, get_args, runtime_checkable
 
 import structlog
 
@@ -21,6 +21,7 @@ log = structlog.get_logger(__name__)
 
 OutcomeStatus = Literal["done", "already", "failed", "would_replace"]
 OUTCOME_STATUSES: Final[tuple[OutcomeStatus, ...]] = get_args(OutcomeStatus)
+Check = Literal["gone", "leaving", "stayed", "unknown"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,10 +110,31 @@ def logged(
 
 
 class ReplacementAction(Protocol):
-    """Something that replaces a host; ``replace`` never raises for a failed replacement."""
+    """Something that replaces a host; ``replace`` never raises for a failed replacement.
+    ``timeout_s`` bounds one ``replace`` call (the outbox leases the replacement that long)."""
 
     name: str
+    timeout_s: float
 
     def replace(self, request: ReplacementRequest) -> ActionOutcome: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Verifier(Protocol):
+    """An action that can tell, some time after acting, whether the host went away:
+    ``gone``, ``leaving`` (on its way out), ``stayed`` (the request had no effect: ask again)
+    or ``unknown``. Actions without it are judged by whether the host still reports."""
+
+    def check(self, request: ReplacementRequest) -> Check: ...
+
+
+@runtime_checkable
+class CapacityReader(Protocol):
+    """An action that can read its pool's desired capacity (for ``budget_percent``)."""
+
+    @property
+    def reads_capacity(self) -> bool: ...
+
+    def desired_capacity(self) -> int: ...

@@ -213,3 +213,117 @@ fleet_events = Table(
         postgresql_where=_UNCLOSED,
     ),
 )
+
+# --- response: replacements and their safety rails, incidents, break-glass ------------------
+
+_OPEN_REPLACEMENT = text("state IN ('blocked', 'acting', 'verifying')")
+replacements = Table(
+    "replacements",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("host_id", String(128), nullable=False, index=True),
+    Column("pool", String(128)),
+    Column("state", String(16), nullable=False),
+    Column("request_id", String(64), nullable=False, unique=True),
+    Column("action", String(64)),
+    Column("cause", String(64), nullable=False),
+    Column("requests", Integer, nullable=False),
+    Column("blocked_by", String(32)),
+    Column("blocked_reason", Text),
+    Column("lease_until", UtcDateTime),
+    Column("acted_at", UtcDateTime),
+    Column("outcome", JSON, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index(
+        "uq_replacements_open_host",
+        "host_id",
+        unique=True,
+        sqlite_where=_OPEN_REPLACEMENT,
+        postgresql_where=_OPEN_REPLACEMENT,
+    ),
+)
+
+_UNRELEASED = text("released_at IS NULL")
+holds = Table(
+    "holds",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("scope", String(16), nullable=False),
+    Column("target", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("detail", JSON, nullable=False),
+    Column("released_at", UtcDateTime),
+    Column("released_by", String(255)),
+    Column("release_reason", Text),
+    Index(
+        "uq_holds_open",
+        "scope",
+        "target",
+        "kind",
+        unique=True,
+        sqlite_where=_UNRELEASED,
+        postgresql_where=_UNRELEASED,
+    ),
+)
+
+drift_marks = Table(
+    "drift_marks",
+    metadata,
+    Column("host_id", String(128), primary_key=True),
+    Column("signature", String(64), primary_key=True),
+    Column("pool", String(128)),
+    Column("image", String(255)),
+    Column("fresh", Boolean, nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Index("ix_drift_marks_pool_at", "pool", "at"),
+)
+
+incidents = Table(
+    "incidents",
+    metadata,
+    Column("dedup_key", String(255), primary_key=True),
+    Column("host_id", String(128), index=True),
+    Column("pool", String(128)),
+    Column("cause", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("alert", JSON, nullable=False),
+    Column("sent", JSON, nullable=False),
+    Column("opened_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+breakglass = Table(
+    "breakglass",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("host_id", String(128), nullable=False, index=True),
+    Column("login_user", String(64), nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("operator", String(255), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("ticket", String(255)),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("expires_at", UtcDateTime, nullable=False),
+    Column("login_at", UtcDateTime),
+    Column("login", JSON, nullable=False),
+    Column("ended_at", UtcDateTime),
+    Column("ended_by", String(64)),
+)
+
+decisions = Table(
+    "decisions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("at", UtcDateTime, nullable=False),
+    Column("host_id", String(128), index=True),
+    Column("pool", String(128), index=True),
+    Column("decision", String(32), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("actor", String(255), nullable=False),
+    Column("detail", JSON, nullable=False),
+)

@@ -73,6 +73,15 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
             "backoff_max_s = 1.0 is below",
         ),
         ("[agent\n", "not valid TOML"),
+        (
+            '[guard]\nbackend = "dtrace"\n',
+            "[guard] backend = 'dtrace' is not one of ['auto', 'fanotify', 'inotify', 'none']",
+        ),
+        ("[guard]\ncoalesce_s = -1\n", "[guard] coalesce_s = -1 is not a number > 0"),
+        ("[rescan]\nnice = 20\n", "[rescan] nice = 20 is above 19"),
+        ("[rescan]\nio_budget_mb_s = 0\n", "[rescan] io_budget_mb_s = 0 is not a number > 0"),
+        ("[packages]\npoll_interval_s = 10\n", "[packages] unknown key(s) ['poll_interval_s']"),
+        ('[agent]\nstate_dir = "/var/lib/dw*"\n', "[agent] state_dir = '/var/lib/dw*' has one"),
     ],
 )
 def test_errors_name_file_key_and_value(tmp_path: Path, text: str, message: str) -> None:

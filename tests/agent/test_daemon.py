@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent import identity, keys, wire
+from agent import fanotify, identity, keys, wire
 from agent.errors import EXIT_CONFIG, ConfigError
 from tests.agent.receiver import Receiver
 
@@ -54,11 +54,11 @@ class Runner:
         self.tmp = tmp
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def config(self, root: Path, url: str = "", **agent: Any) -> Path:
+    def config(self, root: Path, url: str = "", *, state: Path | None = None, **agent: Any) -> Path:
         lines = [
             "[agent]",
             f'root = "{root}"',
-            f'state_dir = "{self.tmp / "state"}"',
+            f'state_dir = "{state or self.tmp / "state"}"',
             *(f"{k} = {json.dumps(v)}" for k, v in agent.items()),
             "[collector]",
             f'url = "{url}"',
@@ -290,25 +290,39 @@ def test_first_boot_only_on_the_first_boot_of_this_host(tmp_path: Path, root: Pa
 # --- the boot check with a real baked manifest ------------------------------------------------
 
 
-@pytest.fixture
-def baked(
-    root: Path, tmp_path: Path, agent_cmd: list[str], subprocess_env: dict[str, str], repo: Path
+def _bake(
+    root: Path,
+    manifest: Path,
+    tmp_path: Path,
+    agent_cmd: list[str],
+    env: dict[str, str],
+    repo: Path,
 ) -> dict[str, Path]:
-    """An image root baked into a signed manifest with the shipped minimal policy."""
+    """``root`` baked into a manifest signed by a new pipeline key, with the minimal policy."""
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (root / "etc" / "ssh").mkdir()
     (root / "usr" / "bin").mkdir(parents=True)
     (root / "var" / "lib").mkdir(parents=True)
+    (root / "var" / "log").mkdir(parents=True)
+    (root / "var" / "log" / "app.log").write_text("started\n")
     (root / "usr" / "bin" / "tool").write_bytes(b"\x7fELF tool")
     key = tmp_path / "pipeline.key"
-    manifest = tmp_path / "image.manifest.gz"
     for args in (
         ["keygen", "--out", str(key)],
         ["bake", "--root", str(root), "--policy", str(repo / "policies" / "minimal.toml"),
          "--out", str(manifest), "--key", str(key), "--build-id", "build-7"],
     ):  # fmt: skip
-        subprocess.run([*agent_cmd, *args], env=subprocess_env, check=True, capture_output=True)
+        subprocess.run([*agent_cmd, *args], env=env, check=True, capture_output=True)
     return {"manifest": manifest, "pub": Path(str(key) + ".pub"), "key": key}
+
+
+@pytest.fixture
+def baked(
+    root: Path, tmp_path: Path, agent_cmd: list[str], subprocess_env: dict[str, str], repo: Path
+) -> dict[str, Path]:
+    """An image root baked into a signed manifest (outside the root)."""
+    manifest = tmp_path / "image.manifest.gz"
+    return _bake(root, manifest, tmp_path, agent_cmd, subprocess_env, repo)
 
 
 def _once(root: Path, state: Path, baked: dict[str, Path], boot_id: Path, **agent: Any) -> int:
@@ -408,7 +422,7 @@ def test_a_package_change_while_running_is_reported(
     _dpkg_status(root, ("libc6", "2.36-9"), ("openssl", "3.0.11-1"))
     config = runner.config(root, receiver.url, poll_interval_s=0.02)
     with config.open("a") as fh:
-        fh.write("[packages]\npoll_interval_s = 0.05\n")
+        fh.write("[packages]\nsettle_s = 0.05\n")
     proc = runner.start("--config", str(config))
     receiver.wait_for(lambda rx: "agent_start" in rx.kinds())
     _dpkg_status(root, ("libc6", "2.36-9"), ("openssl", "3.0.13-1"), ("netcat", "1.10-47"))
@@ -468,3 +482,81 @@ def test_an_ssh_login_is_reported_with_the_policy_verdict(
     )
     saved = json.loads((runner.tmp / "state" / "logins.json").read_text())
     assert saved  # the position is kept, so a restart does not report it again
+
+
+# --- the realtime guard ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def guarded(
+    root: Path, tmp_path: Path, agent_cmd: list[str], subprocess_env: dict[str, str], repo: Path
+) -> dict[str, Path]:
+    """An image root whose manifest and agent state lie inside it, where the policy would call
+    them immutable (the agent must exclude its own files)."""
+    (root / "opt" / "driftwarden").mkdir(parents=True)
+    manifest = root / "opt" / "driftwarden" / "image.manifest.gz"
+    baked = _bake(root, manifest, tmp_path, agent_cmd, subprocess_env, repo)
+    return {**baked, "state": root / "opt" / "agent-state"}
+
+
+def _findings(rx: Receiver, source: str) -> list[dict[str, Any]]:
+    return [
+        f
+        for e in rx.envelopes()
+        if e.kind == "finding" and e.body["source"] == source
+        for f in e.body["findings"]
+    ]
+
+
+def _log_events(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("backend", ["inotify", "fanotify"])
+def test_a_change_while_running_arrives_as_a_signed_realtime_finding(
+    runner: Runner, root: Path, receiver: Receiver, guarded: dict[str, Path], backend: str
+) -> None:
+    if backend == "fanotify":
+        usable, why = fanotify.available()
+        if not usable:
+            pytest.skip(f"fanotify cannot run here: {why}")
+    config = runner.config(
+        root,
+        receiver.url,
+        state=guarded["state"],
+        baseline=str(guarded["manifest"]),
+        pipeline_public_key=str(guarded["pub"]),
+        poll_interval_s=5,  # the loop must be woken by the finding, not find it by polling
+    )
+    with config.open("a") as fh:
+        fh.write(f'[guard]\nbackend = "{backend}"\n[logins]\nwatch = false\n')
+    proc = runner.start("--config", str(config))
+    receiver.wait_for(
+        lambda rx: any(
+            e.kind == "heartbeat" and e.body["health"]["watch_backend"] == backend
+            for e in rx.envelopes()
+        )
+    )
+    with (root / "var" / "log" / "app.log").open("a") as fh:  # mutable: never reported
+        fh.write("a line\n")
+    writer = subprocess.Popen(["sh", "-c", f"echo 'mallory:x:0:0::/:/bin/sh' >> {root}/etc/passwd"])
+    assert writer.wait(10) == 0
+    receiver.wait_for(lambda rx: any(f["path"] == "/etc/passwd" for f in _findings(rx, "realtime")))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, runner.log(0)
+
+    (passwd,) = [f for f in _findings(receiver, "realtime") if f["path"] == "/etc/passwd"]
+    assert (passwd["change"], passwd["drift"], passwd["rule"]) == ("modified", True, "default")
+    assert "content" in passwd["fields"]
+    if backend == "fanotify":
+        assert passwd["process"]["pid"] == writer.pid
+    envs = receiver.envelopes(MACHINE_ID)
+    key = keys.load_public(guarded["state"] / "host-key.pem.pub")
+    wire.verify_chain([e.to_json() for e in envs], key)  # signed, chained, no gap
+    assert envs[-1].kind == "agent_stop"
+    reported = {f.get("path") for e in envs if e.kind == "finding" for f in e.body["findings"]}
+    assert reported == {"/etc/passwd"}  # not the log, the state directory or the manifest
+    events = _log_events(runner.log(0))
+    (stopped,) = [e for e in events if e["event"] == "agent_stopped"]
+    assert stopped["threads_left"] == []
+    assert not [e for e in events if e["event"] == "worker_stop_timeout"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,13 +19,14 @@ from agent.sdnotify import Notifier
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "driftwarden-agent.service"
 EXEC = "/opt/driftwarden/bin/driftwarden-agent"
+FANOTIFY_DROP_IN = UNIT.with_name("driftwarden-agent-fanotify.conf")
 
 
-def _service() -> dict[str, list[str]]:
+def _service(path: Path = UNIT) -> dict[str, list[str]]:
     """Every ``Section.Key`` with all its values (systemd allows a key more than once)."""
     values: dict[str, list[str]] = {}
     section = ""
-    for raw in UNIT.read_text().splitlines():
+    for raw in path.read_text().splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -37,7 +39,8 @@ def _service() -> dict[str, list[str]]:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fanotify", [False, True], ids=["unit", "unit+fanotify-drop-in"])
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path, fanotify: bool) -> None:
     binary = tmp_path / "driftwarden-agent"
     binary.write_text("#!/bin/sh\nexit 0\n")
     binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
@@ -45,6 +48,10 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert EXEC in text
     unit = tmp_path / UNIT.name
     unit.write_text(text.replace(EXEC, str(binary)))
+    if fanotify:  # verify reads drop-ins beside the unit
+        dropins = tmp_path / f"{UNIT.name}.d"
+        dropins.mkdir()
+        shutil.copy(FANOTIFY_DROP_IN, dropins / "fanotify.conf")
     result = subprocess.run(
         ["systemd-analyze", "verify", str(unit)],
         check=False,
@@ -71,6 +78,32 @@ def test_unit_is_notify_watchdog_restart_and_sandboxed() -> None:
     assert one["Service.CapabilityBoundingSet"] == "CAP_DAC_READ_SEARCH"
     for key in ("PrivateTmp", "ProtectKernelTunables", "ProtectKernelModules", "PrivateDevices"):
         assert one[f"Service.{key}"] == "yes", key
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")
+def test_fanotify_drop_in_allows_what_the_unit_denies_the_backend() -> None:
+    """The unit denies @privileged; the drop-in must allow back every call fanotify.py makes
+    that is in it, and add the capabilities, while the unit alone keeps the tightest set."""
+    listed = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "@privileged"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    source = (UNIT.parents[1] / "agent" / "fanotify.py").read_text()
+    called = {name for name in re.findall(r"getattr\(_libc, \"(\w+)\"", source)}
+    assert called == {"fanotify_init", "fanotify_mark", "open_by_handle_at"}
+    denied = called & set(listed)
+    assert denied  # otherwise the drop-in would not be needed
+    unit = _service()
+    assert "~@privileged" in unit["Service.SystemCallFilter"]
+    drop_in = _service(FANOTIFY_DROP_IN)
+    (allowed,) = drop_in["Service.SystemCallFilter"]
+    assert denied <= set(allowed.split())
+    (caps,) = drop_in["Service.CapabilityBoundingSet"]
+    assert {"CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"} == set(caps.split())
+    assert unit["Service.CapabilityBoundingSet"] == ["CAP_DAC_READ_SEARCH"]
 
 
 # --- sd_notify over a real AF_UNIX datagram socket -------------------------------------------

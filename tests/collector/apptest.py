@@ -38,6 +38,18 @@ ROUTES: dict[tuple[str, str], Role | str] = {
     ("GET", "/v1/enroll-tokens"): ADMIN,
     ("POST", "/v1/enroll-tokens"): ADMIN,
     ("DELETE", "/v1/enroll-tokens/{token_id}"): ADMIN,
+    ("GET", "/v1/replacements"): VIEWER,
+    ("GET", "/v1/holds"): VIEWER,
+    ("GET", "/v1/decisions"): VIEWER,
+    ("GET", "/v1/pools"): VIEWER,
+    ("POST", "/v1/hosts/{host_id}/hold"): OPERATOR,
+    ("POST", "/v1/hosts/{host_id}/release"): OPERATOR,
+    ("POST", "/v1/pools/{pool}/hold"): OPERATOR,
+    ("POST", "/v1/pools/{pool}/release"): OPERATOR,
+    ("POST", "/v1/images/{build_id}/hold"): OPERATOR,
+    ("POST", "/v1/images/{build_id}/release"): OPERATOR,
+    ("POST", "/v1/hosts/{host_id}/breakglass"): OPERATOR,
+    ("POST", "/v1/breakglass/{session_id}/end"): OPERATOR,
 }
 
 

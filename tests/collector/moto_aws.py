@@ -4,10 +4,12 @@ group built in it: a launch template and an ASG with running instances."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import boto3
+import pytest
 from moto.server import ThreadedMotoServer
 
 REGION = "us-east-1"
@@ -86,3 +88,15 @@ def group_instances(aws: MotoServer, name: str) -> tuple[str, ...]:
         return tuple(i["InstanceId"] for i in group["AutoScalingGroups"][0]["Instances"])
     finally:
         autoscaling.close()
+
+
+@pytest.fixture(scope="module", name="aws")
+def aws_server() -> Iterator[MotoServer]:
+    """moto's server for a test module, with throw-away credentials."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_CONFIG_FILE", "/nonexistent")
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        with MotoServer() as server:
+            yield server

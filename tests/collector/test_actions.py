@@ -34,7 +34,15 @@ from collector.sinks import signing
 from collector.sinks.config import Secret
 from tests.collector.alertmanager_proc import free_port
 from tests.collector.loopback import Answer, LoopbackReceiver
-from tests.collector.moto_aws import REGION, Group, MotoServer, group_instances, make_group
+from tests.collector.moto_aws import (  # noqa: F401  (aws_server is the aws fixture)
+    REGION,
+    Group,
+    MotoServer,
+    aws_server,
+    group_instances,
+    make_group,
+)
+from tests.sshd import wait_until
 
 
 def request(
@@ -64,17 +72,6 @@ def test_a_request_round_trips_and_a_malformed_one_is_refused() -> None:
 
 
 # --- AWS Auto Scaling on moto's server --------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def aws() -> Iterator[MotoServer]:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_CONFIG_FILE", "/nonexistent")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        with MotoServer() as server:
-            yield server
 
 
 @pytest.fixture
@@ -362,7 +359,11 @@ def test_command_past_its_timeout_is_killed_with_its_children(tmp_path: Path) ->
     assert "ran past 1s and was killed" in outcome.detail
     assert outcome.facts["exit_code"] is None and "started" in outcome.facts["output_tail"]
     child = int(pidfile.read_text())
-    assert not Path(f"/proc/{child}").exists() or _zombie(child)
+    wait_until(  # SIGKILL is delivered at once; the exit itself may take the kernel a moment
+        lambda: not Path(f"/proc/{child}").exists() or _zombie(child),
+        timeout_s=10,
+        what=f"the killed child {child} to exit",
+    )
 
 
 def _zombie(pid: int) -> bool:

@@ -33,6 +33,7 @@ BODIES: dict[str, dict[str, Any]] = {
     "/v1/tokens": {"role": "viewer", "name": "matrix"},
     "/v1/enroll-tokens": {"note": "matrix", "uses": 1},
     "/v1/images": {"statement": {}},
+    "/v1/hosts/{host_id}/breakglass": {"reason": "matrix", "user": "sre"},
 }
 
 
@@ -79,7 +80,9 @@ def test_authorisation_matrix(
     callers: list[tuple[str, Role | None]] = [("none", None)] + [(r.label, r) for r in Role]
     for (method, template), needs in sorted(ROUTES.items(), key=str):
         for name, role in callers:
-            path = template.format(host_id=enrolled.host_id, build_id="img-1", token_id=999)
+            path = template.format(
+                host_id=enrolled.host_id, build_id="img-1", token_id=999, pool="web", session_id=999
+            )
             headers = bearer(tokens[name]) if role is not None else {}
             body = BODIES.get(template, {"reason": "matrix"}) if method == "POST" else None
             response = client.request(method, path, headers=headers, json=body)

@@ -172,3 +172,16 @@ def test_bad_policy_exits_78(
     )
     assert proc.returncode == 78
     assert "error: p.toml: [policy] ssh_login = 'maybe' is not one of" in proc.stderr
+
+
+def test_excluding_adds_literal_paths_and_keeps_the_digest() -> None:
+    policy = parse_policy({"policy": {"name": "t", "exclude": ["/proc"]}}, source="t.toml")
+    own = policy.excluding(["/var/lib/driftwarden", "/opt/image.manifest.gz", "/proc/self"])
+    assert own.digest == policy.digest
+    assert own.excluded("/var/lib/driftwarden/spool/queue/1.json")
+    assert own.excluded("/opt/image.manifest.gz") and not own.excluded("/opt/image.manifest")
+    assert own.decide("/var/lib/driftwarden").rule == "exclude"
+    assert not own.excluded("/var/lib/driftwarden2") and not policy.excluded("/var/lib/driftwarden")
+    assert policy.excluding(["/proc/1"]) is policy
+    with pytest.raises(PolicyError, match="free of"):
+        policy.excluding(["/var/lib/dw[1]"])
