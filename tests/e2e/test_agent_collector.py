@@ -117,13 +117,15 @@ def test_a_file_changed_while_running_makes_the_host_drifted_at_once(
 ) -> None:
     agent = new_agent()
     agent.start_clean()
-    backend = world.reports(agent.host_id, "agent_start")[0]["body"]["watch_backend"]
-    if backend == "none":
-        pytest.skip("this agent has no realtime file guard (watch_backend none)")
+    host = world.wait_host(
+        agent.host_id, lambda h: "watch_backend" in h["health"], what="a heartbeat"
+    )
+    assert host["health"]["watch_backend"] in ("inotify", "fanotify")  # the realtime guard
     agent.path("/usr/bin/app").write_bytes(b"#!/bin/sh\necho replaced\n")
     host = world.wait_state(agent.host_id, "drifted")
-    paths = {f["path"] for f in host["findings"] if f["drift"]}
-    assert "/usr/bin/app" in paths
+    (finding,) = [f for f in host["findings"] if f["drift"]]
+    assert finding["path"] == "/usr/bin/app" and finding["source"] == "realtime"
+    assert agent.proc.poll() is None  # no restart was needed
 
 
 def test_an_ssh_login_taints_the_host_with_who_and_how(
