@@ -16,6 +16,28 @@ from collector.verdicts import Observation, Signal
 
 MAX_EVIDENCE_ITEMS: Final = 20
 _PREVIOUS_STOPS: Final = ("clean", "unclean", "first")
+# A finding envelope may continue a body that did not fit one envelope (docs/protocol.md).
+_CONTINUABLE: Final = ("boot", "finding")
+# Integrity reasons that mean the host cannot be measured against its image because the
+# image's own manifest is unsigned, altered, missing or corrupt: evidence, so suspect.
+SUSPECT_INTEGRITY: Final = frozenset({"baseline_untrusted", "baseline_unreadable"})
+# The agent's health (heartbeat): the type of every field the collector knows; a field it does
+# not know is kept as sent, and a field may be absent (an older agent).
+_HEALTH_FIELDS: Final[Mapping[str, tuple[type, ...]]] = {
+    "watch_backend": (str,),
+    "overflows": (int,),
+    "spool_depth": (int,),
+    "rejected": (int,),
+    "last_rescan": (str, type(None)),
+    "last_full_rehash": (str, type(None)),
+    "uptime_s": (int, float),
+    "version": (str,),
+    "spool_state": (str,),
+    "spool_bytes": (int,),
+    "spool_in_memory": (int,),
+    "heartbeats_compacted": (int,),
+    "delivery": (str,),
+}
 
 
 @dataclass(frozen=True)
@@ -108,11 +130,21 @@ def _boot(env: wire.Envelope, now: datetime) -> Reading:
 def _finding(env: wire.Envelope, now: datetime) -> Reading:
     body, seq = env.body, env.seq
     source = required(body, "source", str, seq)
-    found = _findings(env, required(body, "findings", list, seq), source, now)
+    continues = optional(body, "continues", str, seq)
+    if continues is not None and continues not in _CONTINUABLE:
+        raise wire.MalformedError(f"continues {continues!r} is not one of {_CONTINUABLE}", seq=seq)
+    # The rest of a boot report's findings are the boot's, whatever source carried them.
+    kept_as = "boot" if continues == "boot" else source
+    found = _findings(env, required(body, "findings", list, seq), kept_as, now)
     observations = [Observation(Signal.ALIVE, "report")]
     drift = [f for f in found if f.drift]
     if drift:
         observations.append(Observation(Signal.DRIFT, "drift", _evidence(seq, drift)))
+    for problem in found:
+        reason = problem.detail.get("reason")
+        if problem.type == "integrity" and reason in SUSPECT_INTEGRITY:
+            evidence = {"seq": seq, "reason": reason, "detail": problem.detail.get("detail")}
+            observations.append(Observation(Signal.SUSPECT, reason, evidence))
     for login in found:
         if (
             login.type == "login"
@@ -127,6 +159,10 @@ def _finding(env: wire.Envelope, now: datetime) -> Reading:
 
 def _heartbeat(env: wire.Envelope, now: datetime) -> Reading:
     health = required(env.body, "health", dict, env.seq)
+    for key, types in _HEALTH_FIELDS.items():
+        value = health.get(key)
+        if key in health and (isinstance(value, bool) or not isinstance(value, types)):
+            raise wire.MalformedError(f"health {key!r} has the wrong type", seq=env.seq)
     return Reading([Observation(Signal.ALIVE, "report")], [], {"health": health})
 
 
@@ -156,6 +192,8 @@ def _findings(env: wire.Envelope, items: list[Any], source: str, now: datetime) 
                 f"severity {severity!r} is not one of {wire.SEVERITIES}", seq=env.seq
             )
         drift = optional(item, "drift", bool, env.seq) or False
+        if kind == "integrity":
+            required(item, "reason", str, env.seq)
         path = optional(item, "path", str, env.seq)
         if path is None and kind == "package":
             path = optional(item, "package", str, env.seq) or optional(item, "name", str, env.seq)

@@ -180,9 +180,12 @@ def _host(args: argparse.Namespace) -> int:
     def show(data: Any) -> str:
         summary = {k: v for k, v in _host_row(data).items() if not isinstance(v, dict | list)}
         parts = [tables.pairs(summary)]
+        if data["health"]:
+            parts += ["", "agent health (last heartbeat):", tables.pairs(data["health"])]
         if data["findings"]:
-            cols = ("seq", "type", "severity", "drift", "path")
-            parts += ["", "findings:", tables.render(data["findings"], cols)]
+            rows = [{**f, "what": _finding_what(f)} for f in data["findings"]]
+            cols = ("seq", "source", "type", "severity", "drift", "what")
+            parts += ["", "findings:", tables.render(rows, cols)]
         trail = [{**t, "from": t["from"], "to": t["to"]} for t in data["transitions"]]
         parts += ["", "transitions:", tables.render(trail, ("at", "from", "to", "cause", "actor"))]
         parts += response_cli.host_lines(data)
@@ -191,12 +194,25 @@ def _host(args: argparse.Namespace) -> int:
     return _read(args, f"/v1/hosts/{args.host_id}", show)
 
 
+def _finding_what(finding: dict[str, Any]) -> str | None:
+    """A finding in a few words: its path, a login's user and peer, an integrity reason."""
+    detail = finding.get("detail") or {}
+    if finding.get("type") == "login":
+        peer = f"{detail.get('source_ip')}:{detail.get('source_port')}"
+        return f"{detail.get('event')} {detail.get('user')} {detail.get('method')} from {peer}"
+    if finding.get("type") == "integrity":
+        return str(detail.get("reason"))
+    path: str | None = finding.get("path")
+    return path
+
+
 def _events(args: argparse.Namespace) -> int:
     def show(data: Any) -> str:
         rows = [
             {
                 **e,
-                "what": e.get("kind") or f"{e.get('from')} -> {e.get('to')} ({e.get('cause')})",
+                "what": e.get("kind")
+                or f"{e.get('from') or '-'} -> {e.get('to')} ({e.get('cause')})",
             }
             for e in data["events"]
         ]

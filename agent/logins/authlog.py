@@ -14,6 +14,14 @@ truncated file apart from the file we were reading. Rotation comes in two kinds:
 A partial last line is held back until its newline arrives (or, in a rotated file, until the
 file has stopped growing). After a restart the saved positions are found again by inode among
 the path and its uncompressed siblings, so nothing is lost or read twice.
+
+On the first run (no saved position) a file is read from its start, and what it already holds
+may predate this boot: an image's auth log keeps the image build's own SSH logins (Packer
+connects over SSH). Of the lines that were in the file when it was first opened, those dated
+before the current boot (``btime`` in ``/proc/stat``) are read — they still complete the
+context of later lines — but not reported. Every line written after that is reported, whatever
+its date, and so is every line after a saved position: a login during an earlier boot that the
+agent had not yet read is still evidence.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,6 +43,7 @@ from agent.logins.event import Login
 from agent.logins.parse import LineParser
 
 DEFAULT_PATHS: Final = (Path("/var/log/auth.log"), Path("/var/log/secure"))
+PROC_STAT: Final = Path("/proc/stat")
 TAIL_BYTES: Final = 256
 CHUNK_BYTES: Final = 1 << 16
 MAX_LINE_BYTES: Final = 1 << 16
@@ -54,7 +64,8 @@ class _Tail:
     tail: bytes = b""
     pending: bytes = b""
     grew_at: float = 0.0
-    lines: list[str] = field(default_factory=list)
+    boot_until: int = 0  # lines ending at or before this offset are checked against the boot
+    lines: list[tuple[str, bool]] = field(default_factory=list)  # (line, check its date)
 
     def read(self, now: float) -> None:
         """Append every complete line now in the file to ``lines``."""
@@ -77,7 +88,8 @@ class _Tail:
     def _take(self, raw: bytes, size: int) -> None:
         self.offset += size
         self.tail = (self.tail + raw + b"\n"[: size - len(raw)])[-TAIL_BYTES:]
-        self.lines.append(raw.decode("utf-8", "replace").rstrip("\r"))
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        self.lines.append((text, self.offset <= self.boot_until))
 
     def position(self) -> dict[str, Any]:
         return {
@@ -109,6 +121,28 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def boot_time(path: Path = PROC_STAT) -> datetime | None:
+    """When this machine booted (``btime`` in ``/proc/stat``); None when it cannot be read."""
+    try:
+        with path.open(encoding="ascii") as fh:
+            for line in fh:
+                name, _, value = line.partition(" ")
+                if name == "btime":
+                    return datetime.fromtimestamp(int(value), UTC)
+    except (OSError, UnicodeDecodeError, ValueError, OverflowError) as exc:
+        log.warning("boot_time_unreadable", path=str(path), error=str(exc))
+        return None
+    log.warning("boot_time_unreadable", path=str(path), error="no btime line")
+    return None
+
+
+def _before(at: str, moment: datetime) -> bool:
+    try:
+        return datetime.fromisoformat(at.replace("Z", "+00:00")) < moment
+    except ValueError:
+        return False
+
+
 def _truncated(tail: _Tail) -> bool:
     """Has the file shrunk below what we read, or been rewritten before our offset?"""
     if tail.size() < tail.offset + len(tail.pending):
@@ -134,10 +168,14 @@ class AuthLogSource:
         from_start: bool = True,
         rotate_grace_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        booted_at: datetime | None = None,
     ) -> None:
+        """``booted_at``: the current boot's time (default: read from ``/proc/stat``)."""
         self.path = path
         self.name = f"authlog:{path}"
         self._from_start = from_start
+        self._booted_at = booted_at or boot_time()
+        self.before_boot = 0  # lines of a first read dated before the boot, not reported
         self._grace_s = rotate_grace_s
         self._clock = clock
         self._parser = LineParser("authlog")
@@ -168,7 +206,7 @@ class AuthLogSource:
             log.warning("authlog_unreadable", path=str(self.path), error=advice(exc))
             return []
         now = self._clock()
-        lines: list[str] = []
+        lines: list[tuple[str, bool]] = []
         for tail in self._draining:
             tail.read(now)
         for tail in [t for t in self._draining if now - t.grew_at >= self._grace_s]:
@@ -185,7 +223,28 @@ class AuthLogSource:
             self._current.read(now)
             lines += self._current.lines
             self._current.lines.clear()
-        return [login for line in lines if (login := self._parser.parse_line(line))]
+        return self._parse(lines)
+
+    def _parse(self, lines: list[tuple[str, bool]]) -> list[Login]:
+        found: list[Login] = []
+        skipped = 0
+        for line, check_date in lines:
+            login = self._parser.parse_line(line)
+            if login is None:
+                continue
+            if check_date and self._booted_at is not None and _before(login.at, self._booted_at):
+                skipped += 1
+                continue
+            found.append(login)
+        if skipped:
+            self.before_boot += skipped
+            log.info(
+                "authlog_before_boot_ignored",
+                path=str(self.path),
+                events=skipped,
+                booted_at=self._booted_at.isoformat() if self._booted_at else None,
+            )
+        return found
 
     def _follow(self) -> None:
         """Notice a new, rotated or truncated file; restore saved positions on first sight."""
@@ -217,7 +276,9 @@ class AuthLogSource:
     def _start(self, current: _Tail) -> None:
         saved, self._saved = self._saved, []
         if not saved:
-            if not self._from_start:
+            if self._from_start:
+                current.boot_until = current.size()  # what is there may predate this boot
+            else:
                 current.offset = _last_line_end(current)
             return
         by_inode = {(t.dev, t.inode): t for t in self._siblings(exclude=current)}

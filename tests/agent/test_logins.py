@@ -11,7 +11,7 @@ import shutil
 import signal
 import threading
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +263,13 @@ def test_one_login_seen_by_two_sources_is_reported_once(tmp_path: Path) -> None:
     lines = (DATA / "auth.log").read_bytes()
     (tmp_path / "auth.log").write_bytes(lines)
     (tmp_path / "secure").write_bytes(lines)
-    with _watcher(tmp_path, tmp_path / "auth.log", tmp_path / "secure") as watcher:
+    # The sample's lines carry fixed dates: as if the machine had booted before them.
+    booted_at = datetime(2000, 1, 1, tzinfo=UTC)
+    sources = [
+        AuthLogSource(tmp_path / name, rotate_grace_s=0, booted_at=booted_at)
+        for name in ("auth.log", "secure")
+    ]
+    with LoginWatcher(tmp_path, sources) as watcher:
         events = watcher.poll()
         assert watcher.failures.failed == 4 and watcher.failures.invalid_user == 1
     assert [(e.event, e.user, e.source_port) for e in events] == [
