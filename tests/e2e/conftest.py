@@ -6,9 +6,17 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.world import Agent, Image, World, agents, bake_image
-from tests.sshd import ssh_user, sshd
+from tests.sshd import Sshd, SshUser, ssh_user, start_sshd, utmp_file
 
-__all__ = ["ssh_user", "sshd"]
+__all__ = ["ssh_user"]
+
+
+@pytest.fixture
+def sshd(tmp_path: Path, ssh_user: SshUser) -> Iterator[Sshd]:
+    """An sshd of the test's own: an agent reads its whole log from the start (as on a
+    host's first run), so the log must hold only this test's logins."""
+    with utmp_file(), start_sshd(tmp_path / "sshd", ssh_user) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

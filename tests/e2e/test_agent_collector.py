@@ -183,7 +183,10 @@ def test_kill_9_then_restart_is_suspect_and_nothing_is_lost(
     reports = world.reports(agent.host_id)
     seqs = [r["seq"] for r in reports]
     assert seqs == list(range(1, len(seqs) + 1))  # no hole, nothing twice
-    (finding,) = logins(reports, port)
+    found = logins(reports, port)
+    summary = [(r["seq"], r["kind"], r["body"].get("source")) for r in reports]
+    assert len(found) == 1, f"the login from port {port} once in {summary}"
+    (finding,) = found
     assert finding["user"] == ssh_user.name and finding["method"] == "password"
     host = world.host(agent.host_id)
     assert host is not None and host["envelopes"] == len(seqs)
