@@ -12,19 +12,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Final
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import wire
-from collector import bodies, transitions
+from collector import bodies, transitions, verdicts
 from collector.auth import token_hash
 from collector.config import Config
 from collector.errors import Refused
 from collector.groupcommit import GroupCommitter
 from collector.metrics import Metrics
-from collector.model import Host, HostState
+from collector.model import EnrollToken, Finding, Host, HostState
 from collector.response import breakglass
 from collector.store import Store, Tx
 from collector.verdicts import Observation, Signal
@@ -32,6 +33,7 @@ from collector.verdicts import Observation, Signal
 log = structlog.get_logger(__name__)
 
 MAX_REMEMBERED_KEYS: Final = 100_000
+NOT_LIVE: Final = "unknown, expired, used up or revoked enrollment token"
 
 
 @dataclass(frozen=True)
@@ -89,18 +91,22 @@ class Ingestor:
     ) -> Enrolled:
         host = tx.lock_host(host_id)
         if host is not None and host.key_id == key_id:
-            tx.update_host(host_id, values)
-            status = 200  # the same key again: idempotent, the token is not spent again
+            # the same key again: idempotent, the token is not spent again; the pool stays
+            tx.update_host(host_id, {k: v for k, v in values.items() if k != "pool"})
+            status = 200
         else:
-            if not tx.use_enroll_token(spent):
-                raise self._refuse(
-                    401, "bad_token", "unknown, expired, used up or revoked enrollment token"
-                )
+            token = tx.live_enroll_token(spent)
+            if token is None:
+                raise self._refuse(401, "bad_token", NOT_LIVE)
+            if host is not None and host.rekey_allowed_by is None:
+                raise self._key_mismatch(tx, host, key_id, token)
+            if not tx.use_enroll_token(spent):  # pragma: no cover - live a moment ago, locked
+                raise self._refuse(401, "bad_token", NOT_LIVE)
             tx.add_key(host_id, key_id, raw_key)
             if host is None:
-                self._new_host(tx, host_id, key_id, raw_key, values)
+                self._new_host(tx, host_id, key_id, raw_key, _bind_pool(host_id, values, token))
             else:
-                self._key_changed(tx, host, key_id, raw_key, values)
+                self._rekeyed(tx, host, key_id, raw_key, values)
             self._keys.pop(host_id, None)
             status = 201
         tip = tx.key_tip(host_id, key_id) or wire.ChainState()
@@ -133,14 +139,51 @@ class Ingestor:
             tx, host, HostState.ENROLLED, "enrolled", evidence, actor="enrollment", initial=True
         )
 
-    def _key_changed(
+    def _key_mismatch(self, tx: Tx, host: Host, key_id: str, token: EnrollToken) -> Refused:
+        """A new key for a known host, not allowed by an operator: refused, and the attempt is
+        evidence (a finding and a warning page, once per new key). The host's state, key, pool
+        and facts stay as they are: holding a token must not be enough to take a host over."""
+        evidence = {
+            "reason": "key_mismatch",
+            "enrolled_key_id": host.key_id,
+            "refused_key_id": key_id,
+            "enroll_token_id": token.token_id,
+        }
+        log.warning("host_key_refused", host_id=host.host_id, **evidence)
+        if host.refused_key_id != key_id:
+            tx.update_host(host.host_id, {"refused_key_id": key_id})
+            tx.add_findings([_integrity(host.host_id, tx.now, "warning", evidence)])
+            tx.enqueue(verdicts.warning(host, "key_mismatch", evidence))
+        return self._refuse(
+            409,
+            "key_mismatch",
+            f"host {host.host_id!r} is enrolled with key {host.key_id}, not {key_id}; an "
+            f"operator must allow a new key (driftwarden rekey {host.host_id} --reason ...)",
+        )
+
+    def _rekeyed(
         self, tx: Tx, host: Host, key_id: str, raw_key: bytes, values: Mapping[str, Any]
     ) -> None:
-        tx.update_host(host.host_id, {"key_id": key_id, "public_key": raw_key, **values})
-        evidence = {"old_key_id": host.key_id, "new_key_id": key_id}
+        """A new key an operator allowed: the chain restarts under it; the pool stays."""
+        update = {k: v for k, v in values.items() if k != "pool"}
+        tx.update_host(
+            host.host_id,
+            {
+                **update,
+                "key_id": key_id,
+                "public_key": raw_key,
+                "rekey_allowed_by": None,
+                "refused_key_id": None,
+            },
+        )
+        evidence = {
+            "old_key_id": host.key_id,
+            "new_key_id": key_id,
+            "allowed_by": host.rekey_allowed_by,
+        }
         log.warning("host_key_changed", host_id=host.host_id, **evidence)
-        transitions.apply(
-            tx, host, Observation(Signal.SUSPECT, "key_changed", evidence), actor="enrollment"
+        tx.add_findings(
+            [_integrity(host.host_id, tx.now, "info", {"reason": "rekeyed", **evidence})]
         )
 
     # --- reports -----------------------------------------------------------------------------
@@ -331,6 +374,28 @@ class Ingestor:
         details = {k: v for k, v in details.items() if v is not None}
         log.info("report_refused", status=status, code=code, reason=message, **details)
         return Refused(status, code, message, **details)
+
+
+def _integrity(host_id: str, at: datetime, severity: str, detail: Mapping[str, Any]) -> Finding:
+    """A finding the collector itself records (no envelope carried it: seq 0)."""
+    return Finding(host_id, 0, "integrity", "integrity", severity, False, None, at, dict(detail))
+
+
+def _bind_pool(host_id: str, values: Mapping[str, Any], token: EnrollToken) -> dict[str, Any]:
+    """The pool is the enrollment token's when it names one; what the host claims is then
+    only a fact (a different claim is logged as a mismatch)."""
+    if token.pool is None:
+        return dict(values)
+    claimed = values.get("pool")
+    if claimed is not None and claimed != token.pool:
+        log.warning(
+            "enroll_pool_mismatch",
+            host_id=host_id,
+            claimed=claimed,
+            pool=token.pool,
+            enroll_token_id=token.token_id,
+        )
+    return {**values, "pool": token.pool}
 
 
 def _facts(facts: Mapping[str, Any]) -> dict[str, Any]:

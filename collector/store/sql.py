@@ -269,7 +269,12 @@ class SqlStore:
         return self._revoke(api_tokens, token_id)
 
     def add_enroll_token(
-        self, token_hash: str, note: str, expires_at: datetime | None, uses: int | None
+        self,
+        token_hash: str,
+        note: str,
+        expires_at: datetime | None,
+        uses: int | None,
+        pool: str | None = None,
     ) -> EnrollToken:
         with self._transaction() as tx:
             token_id = tx.conn.execute(
@@ -281,6 +286,7 @@ class SqlStore:
                     expires_at=expires_at,
                     uses_left=uses,
                     uses=0,
+                    pool=pool,
                 )
                 .returning(enroll_tokens.c.id)
             ).scalar_one()

@@ -6,10 +6,28 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Table, bindparam, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Insert,
+    Table,
+    bindparam,
+    func,
+    select,
+    update,
+)
 
 from agent import wire
-from collector.model import Finding, Host, HostState, Image, JobSpec, JobState, Transition
+from collector.model import (
+    EnrollToken,
+    Finding,
+    Host,
+    HostState,
+    Image,
+    JobSpec,
+    JobState,
+    Transition,
+)
 from collector.store import rows
 from collector.store.schema import (
     enroll_tokens,
@@ -153,18 +171,29 @@ class SqlTx:
         row = self.conn.execute(select(images).where(images.c.build_id == build_id)).first()
         return rows.image(row) if row else None
 
+    def _live_token(self, token_hash: str) -> tuple[ColumnElement[bool], ...]:
+        t = enroll_tokens.c
+        return (
+            t.token_hash == token_hash,
+            t.revoked_at.is_(None),
+            (t.expires_at.is_(None)) | (t.expires_at > self.now),
+            (t.uses_left.is_(None)) | (t.uses_left > 0),
+        )
+
+    def live_enroll_token(self, token_hash: str) -> EnrollToken | None:
+        """The enrollment token, if it is live (known, not expired, used up or revoked); no
+        use is spent."""
+        query = select(enroll_tokens).where(*self._live_token(token_hash))
+        row = self.conn.execute(query).first()
+        return rows.enroll_token(row) if row else None
+
     def use_enroll_token(self, token_hash: str) -> bool:
         """Spend one use of a live enrollment token; False if unknown, expired, used up or
         revoked."""
         t = enroll_tokens.c
         result = self.conn.execute(
             update(enroll_tokens)
-            .where(
-                t.token_hash == token_hash,
-                t.revoked_at.is_(None),
-                (t.expires_at.is_(None)) | (t.expires_at > self.now),
-                (t.uses_left.is_(None)) | (t.uses_left > 0),
-            )
+            .where(*self._live_token(token_hash))
             .values(
                 uses=t.uses + 1,
                 uses_left=t.uses_left - 1,  # NULL (unlimited) stays NULL
