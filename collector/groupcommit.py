@@ -9,8 +9,9 @@ the commit's cost is shared by the whole group, which grows with the load.
 
 Refusals and errors stay each unit's own:
 
-- a unit refuses by raising ``Refused`` **before it writes anything**; the refusal is its answer
-  and the rest of the group commits;
+- a unit refuses by raising ``Refused``; the refusal is its answer and the rest of the group
+  commits. A unit writes nothing before a refusal, except evidence that must outlive it (a
+  chain conflict, a refused key), which commits with the group;
 - any other error (a database error, a bug) rolls the whole group back, and each of its units
   is then tried again alone, in its own transaction, so it fails only the unit that causes it.
 

@@ -296,11 +296,12 @@ class Ingestor:
             host = self._judge(tx, host, reading)
             values.update(reading.host_values)
             acks.append({"seq": env.seq, "status": "accepted"})
-        tx.set_tip(host.host_id, host.key_id, tip)
-        tx.update_host(
-            host.host_id,
-            {**values, "last_seen_at": tx.now, "envelopes": host.envelopes + accepted},
-        )
+        if accepted:  # a batch of duplicates only (a replay of old reports) is not a sign of life
+            tx.set_tip(host.host_id, host.key_id, tip)
+            tx.update_host(
+                host.host_id,
+                {**values, "last_seen_at": tx.now, "envelopes": host.envelopes + accepted},
+            )
         return acks, tip
 
     def _chain(
@@ -326,6 +327,7 @@ class Ingestor:
                 gap = {"expected": tip.last_seq + 1, "got": env.seq}
                 link = wire.Link.NEXT
             except wire.ChainError as exc:
+                self._chain_conflict(tx, host, env, exc.code, known, stored)
                 raise self._refuse(
                     409,
                     exc.code,
@@ -340,6 +342,30 @@ class Ingestor:
                 seen[env.seq] = env.digest
             links.append((link, gap))
         return links
+
+    def _chain_conflict(
+        self,
+        tx: Tx,
+        host: Host,
+        env: wire.Envelope,
+        code: str,
+        known: str | None,
+        stored: wire.ChainState,
+    ) -> None:
+        """A correctly signed replay or fork is evidence (a restored snapshot, a clone, a
+        forged history): the host becomes suspect. Written before the refusal, so it commits
+        although nothing of the batch does."""
+        evidence = {
+            "code": code,
+            "seq": env.seq,
+            "digest": env.digest,
+            "prev": env.prev,
+            "stored_digest": known,
+            "last_seq": stored.last_seq,
+            "last_digest": stored.last_digest,
+        }
+        log.warning("chain_conflict", host_id=host.host_id, **evidence)
+        transitions.apply(tx, host, Observation(Signal.SUSPECT, "chain_conflict", evidence))
 
     def _judge(self, tx: Tx, host: Host, reading: bodies.Reading) -> Host:
         tx.add_findings(reading.findings)
