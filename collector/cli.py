@@ -158,7 +158,7 @@ def _read(args: argparse.Namespace, path: str, show: Callable[[Any], str], **par
     if args.json:
         _print_json(data)
     else:
-        print(show(data))
+        print(tables.lines(show(data)))
     return EXIT_OK
 
 
@@ -245,7 +245,7 @@ def _images_register(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
     else:
-        print(f"registered image {data['build_id']} root {data['root']}")
+        print(tables.lines(f"registered image {data['build_id']} root {data['root']}"))
     return EXIT_OK
 
 
@@ -267,7 +267,7 @@ def _action(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
     else:
-        print(f"{args.host_id}: {data.get('state')}")
+        print(tables.lines(f"{args.host_id}: {data.get('state')}"))
     return EXIT_OK
 
 
