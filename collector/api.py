@@ -199,8 +199,9 @@ def _public_routes(app: FastAPI) -> None:
         store = services(request).store
         try:
             current, head = store.schema_revision()
-        except StoreError as exc:
-            return error_response(503, "not_ready", f"database unavailable: {exc}")
+        except StoreError as exc:  # the detail (host, port, user) is for the log only
+            log.warning("readiness_failed", error=str(exc))
+            return error_response(503, "not_ready", "database unavailable")
         if current != head:
             return error_response(503, "not_ready", f"schema at {current}, expected {head}")
         return {"status": "ready", "backend": store.backend, "schema": current}
