@@ -70,6 +70,7 @@ class Ingestor:
             host_id, raw_key, facts = wire.verify_enrollment(
                 request, Ed25519PublicKey.from_public_bytes
             )
+            bodies.short("host_id", host_id)
             values = _facts(facts)
         except wire.WireError as exc:
             raise self._refuse(400, exc.code, str(exc)) from exc

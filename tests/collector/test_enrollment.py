@@ -117,3 +117,19 @@ def test_action_targets_come_from_the_host_id_and_must_be_plain() -> None:
             ReplacementRequest(**fields, pool=pool)
     with pytest.raises(MalformedRequestError):
         ReplacementRequest(**{**fields, "instance_id": "i-1;x"}, pool="web")
+
+
+def test_over_long_values_are_malformed_never_a_database_error(
+    client: TestClient, store: SqlStore, enroll_token: str
+) -> None:
+    long_host = SimHost("h" * 129)
+    assert_error(enroll(client, long_host, enroll_token), 400, "malformed")
+    sim = SimHost()
+    sim.pool = "p" * 129
+    assert_error(enroll(client, sim, enroll_token), 400, "malformed")
+    sim.pool = "web"
+    assert enroll(client, sim, enroll_token).status_code == 201
+    start = sim.envelope("agent_start", {"version": "v" * 65, "pid": 1, "previous_stop": "first"})
+    details = assert_error(send(client, sim, start), 400, "malformed")
+    assert details["seq"] == 1
+    assert store.host(sim.host_id).envelopes == 0  # type: ignore[union-attr]
