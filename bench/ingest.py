@@ -87,6 +87,10 @@ class Result:
     errors: dict[str, int] = field(default_factory=dict)
     rate_per_s: float = 0.0
     server_cpu_s: float = 0.0
+    generator_cpu_s: float = 0.0
+    other_cpu_s: float = 0.0  # every other process on the machine, during the run
+    run_s: float = 0.0
+    load_avg: float = 0.0  # 1-minute load average at the end of the run
 
     @property
     def lost(self) -> int:
@@ -99,11 +103,16 @@ class Result:
 # --- the collector processes -----------------------------------------------------------------
 
 
-def _cpu_s(server: Server) -> float:
-    """CPU seconds the collector process has used so far."""
-    assert server.proc is not None
-    times = psutil.Process(server.proc.pid).cpu_times()
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds a process has used so far."""
+    assert pid is not None
+    times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
+
+
+def _machine_cpu_s() -> float:
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
 def _env() -> dict[str, str]:
@@ -221,11 +230,19 @@ def _drive(plan: Plan, collectors: list[Server], result: Result, *, prime: bool)
         signed = _gather(pipes, "signed")
         _say(f"signed {sum(s['envelopes'] for s in signed)} envelopes; running")
         start_at = time.time() + 1.0
-        cpu_before = sum(_cpu_s(c) for c in collectors)
+        servers = [c.proc.pid if c.proc else None for c in collectors]
+        before = [_cpu_s(pid) for pid in servers] + [_machine_cpu_s()]
+        began = time.monotonic()
         for pipe in pipes:
             pipe.send(start_at)
         outcomes: list[Outcome] = _gather(pipes, "ran", timeout_s=plan.duration_s + 300)
-        result.server_cpu_s = sum(_cpu_s(c) for c in collectors) - cpu_before
+        after = [_cpu_s(pid) for pid in servers] + [_machine_cpu_s()]
+        result.run_s = time.monotonic() - began
+        result.server_cpu_s = sum(after[:-1]) - sum(before[:-1])
+        result.generator_cpu_s = sum(o.cpu_s for o in outcomes)
+        machine = after[-1] - before[-1]
+        result.other_cpu_s = max(0.0, machine - result.server_cpu_s - result.generator_cpu_s)
+        result.load_avg = os.getloadavg()[0]
         return ingest_load.merge(outcomes)
     finally:
         for proc in procs:
@@ -330,15 +347,15 @@ def render(results: list[Result], before: list[dict[str, Any]], command_line: st
         "from the database afterwards (by SQL) plus envelopes never acknowledged.",
         "",
         "| scenario | requests | req/s | latency ms p50 / p95 / p99 / max | during the burst "
-        "| heartbeats only | errors | lost | server CPU s | p99 ≤ 100 ms, none lost |",
-        "| --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: | --- |",
+        "| heartbeats only | errors | lost | p99 ≤ 100 ms, none lost |",
+        "| --- | ---: | ---: | --- | --- | --- | --- | ---: | --- |",
     ]
     for r in results:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(r.errors.items())) or "0"
         lines.append(
             f"| {r.scenario} | {r.requests:,} | {r.rate_per_s:.0f} | {_lat(r.request_ms)} "
             f"| {_lat(r.burst_ms)} | {_lat(r.heartbeat_ms)} | {errors} | {r.lost} "
-            f"| {r.server_cpu_s:.0f} | {'met' if r.met() else '**missed**'} |"
+            f"| {'met' if r.met() else '**missed**'} |"
         )
     lines += [
         "",
@@ -358,21 +375,38 @@ def render(results: list[Result], before: list[dict[str, Any]], command_line: st
             f"| {r.prime_s:.1f} s ({s.hosts / max(r.prime_s, 1e-9):.0f}/s) "
             f"| {r.envelopes_acked:,} / {r.stored:,} | {visible} | {r.lag_ms.get('p99', 0):g} |"
         )
+    lines += [
+        "",
+        "CPU during the run (the machine's other processes compete for the same two cores; "
+        "*cores busy* is their CPU time over the run's wall time):",
+        "",
+        "| scenario | run s | collector CPU s | collector CPU ms per request | generators CPU s "
+        "| other processes, cores busy | load average (1 min) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        per_request = 1000 * r.server_cpu_s / max(r.requests, 1)
+        lines.append(
+            f"| {r.scenario} | {r.run_s:.0f} | {r.server_cpu_s:.1f} | {per_request:.2f} "
+            f"| {r.generator_cpu_s:.1f} | {r.other_cpu_s / max(r.run_s, 1e-9):.2f} "
+            f"| {r.load_avg:.1f} |"
+        )
     if before:
         lines += [
             "",
             "Before (an earlier run, `--compare`):",
             "",
             "| scenario | commit | requests | req/s | latency ms p50 / p95 / p99 / max "
-            "| errors | lost |",
-            "| --- | --- | ---: | ---: | --- | --- | ---: |",
+            "| errors | lost | collector CPU ms per request |",
+            "| --- | --- | ---: | ---: | --- | --- | ---: | ---: |",
         ]
         for b in before:
             lost = b.get("missing", 0) + b.get("unsent", 0)
             errors = ", ".join(f"{k}: {v}" for k, v in sorted(b["errors"].items())) or "0"
+            per_request = 1000 * b["server_cpu_s"] / max(b["requests"], 1)
             lines.append(
                 f"| {b['scenario']} | {b['commit']} | {b['requests']:,} | {b['rate_per_s']:.0f} "
-                f"| {_lat(b['request_ms'])} | {errors} | {lost} |"
+                f"| {_lat(b['request_ms'])} | {errors} | {lost} | {per_request:.2f} |"
             )
     lines += [
         "",
