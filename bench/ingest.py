@@ -27,7 +27,7 @@ import secrets
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -168,14 +168,17 @@ class Database:
 # --- one scenario ----------------------------------------------------------------------------
 
 
-def run_scenario(scenario: str, settings: Settings, *, prime: bool = True) -> Result:
+def run_scenario(
+    scenario: str, settings: Settings, *, prime: bool = True, label: str = ""
+) -> Result:
     backend, replicas = SCENARIOS[scenario]
     workdir = OUT / f"ingest-{scenario}"
     workdir.mkdir(parents=True, exist_ok=True)
     for old in workdir.iterdir():
         if old.is_file():
             old.unlink()
-    result = Result(scenario, settings, _commit(), datetime.now(UTC).isoformat(timespec="seconds"))
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    result = Result(scenario + label, settings, _commit(), started)
     db = Database(backend, workdir)
     collectors: list[Server] = []
     try:
@@ -320,7 +323,7 @@ def _lat(stats: dict[str, float]) -> str:
 
 
 def render(results: list[Result], before: list[dict[str, Any]], command_line: str) -> str:
-    s = results[0].settings
+    s = max((r.settings for r in results), key=lambda settings: settings.burst_rate)
     lines = [
         BEGIN,
         "## Collector ingest",
@@ -343,8 +346,9 @@ def render(results: list[Result], before: list[dict[str, Any]], command_line: st
         ),
         "Latency is per request, from the moment it is sent to the end of the answer; an "
         "acknowledgement comes only after the commit (durable: SQLite `synchronous=FULL`, "
-        "PostgreSQL `synchronous_commit=on`). *Lost* counts acknowledged envelopes missing "
-        "from the database afterwards (by SQL) plus envelopes never acknowledged.",
+        "PostgreSQL `synchronous_commit=on`). *Lost* counts acknowledged envelopes (the clean "
+        "boots' too) missing from the database afterwards (by SQL) plus envelopes never "
+        "acknowledged. A run *heartbeats only* is the same load without the burst.",
         "",
         "| scenario | requests | req/s | latency ms p50 / p95 / p99 / max | during the burst "
         "| heartbeats only | errors | lost | p99 ≤ 100 ms, none lost |",
@@ -447,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep-alive", action="store_true", help="reuse connections")
     parser.add_argument("--no-prime", action="store_true", help="skip the clean boot reports")
+    parser.add_argument(
+        "--steady", action="store_true", help="also run each scenario without the burst"
+    )
     parser.add_argument("--compare", type=Path, help="an earlier run's JSON, shown as before")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/")
     args = parser.parse_args(argv)
@@ -455,24 +462,28 @@ def main(argv: list[str] | None = None) -> int:
         hosts=args.hosts or (1000 if quick else 10_000),
         duration_s=args.duration or (15.0 if quick else 60.0),
         heartbeat_s=args.heartbeat,
-        burst_rate=args.burst_rate or (200.0 if quick else 1000.0),
-        burst_s=args.burst or (3.0 if quick else 10.0),
+        burst_rate=(200.0 if quick else 1000.0) if args.burst_rate is None else args.burst_rate,
+        burst_s=(3.0 if quick else 10.0) if args.burst is None else args.burst,
         procs=args.procs,
         seed=args.seed,
         keep_alive=args.keep_alive,
     )
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = []
+    loads = [("", settings)]
+    if args.steady:
+        loads.append((", heartbeats only", replace(settings, burst_rate=0.0)))
     for scenario in scenarios:
-        _say(f"{scenario}: {settings}")
-        result = run_scenario(scenario, settings, prime=not args.no_prime)
-        results.append(result)
-        _say(
-            f"{scenario}: {result.requests} requests, {result.rate_per_s:.0f}/s, latency ms "
-            f"{_lat(result.request_ms)}, burst {_lat(result.burst_ms)}, errors {result.errors}, "
-            f"lost {result.lost}, visible {_lat(result.visible_ms)}, lag p99 "
-            f"{result.lag_ms.get('p99')} ms"
-        )
+        for suffix, load in loads:
+            _say(f"{scenario}{suffix}: {load}")
+            result = run_scenario(scenario, load, prime=not args.no_prime, label=suffix)
+            results.append(result)
+            _say(
+                f"{result.scenario}: {result.requests} requests, {result.rate_per_s:.0f}/s, "
+                f"latency ms {_lat(result.request_ms)}, burst {_lat(result.burst_ms)}, errors "
+                f"{result.errors}, lost {result.lost}, visible {_lat(result.visible_ms)}, lag "
+                f"p99 {result.lag_ms.get('p99')} ms"
+            )
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     dump = [{**asdict(r), "lost": r.lost} for r in results]

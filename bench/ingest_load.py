@@ -203,6 +203,7 @@ class Generator:
             answer = await self._insist(host.index, "/v1/reports", host.batch([host.boot()]))
             if answer.status != 200:
                 raise RuntimeError(f"boot {host.host_id}: {answer.status} {answer.body!r}")
+            self.outcome.acked.append((host.host_id, host.seq))  # checked in the database too
             return answer.status
 
         return {"hosts": len(await self._each(one))}
