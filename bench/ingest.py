@@ -27,7 +27,7 @@ import secrets
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
@@ -87,6 +87,10 @@ class Result:
     errors: dict[str, int] = field(default_factory=dict)
     rate_per_s: float = 0.0
     server_cpu_s: float = 0.0
+    generator_cpu_s: float = 0.0
+    other_cpu_s: float = 0.0  # every other process on the machine, during the run
+    run_s: float = 0.0
+    load_avg: float = 0.0  # 1-minute load average at the end of the run
 
     @property
     def lost(self) -> int:
@@ -99,11 +103,16 @@ class Result:
 # --- the collector processes -----------------------------------------------------------------
 
 
-def _cpu_s(server: Server) -> float:
-    """CPU seconds the collector process has used so far."""
-    assert server.proc is not None
-    times = psutil.Process(server.proc.pid).cpu_times()
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds a process has used so far."""
+    assert pid is not None
+    times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
+
+
+def _machine_cpu_s() -> float:
+    times = psutil.cpu_times()
+    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
 def _env() -> dict[str, str]:
@@ -159,14 +168,17 @@ class Database:
 # --- one scenario ----------------------------------------------------------------------------
 
 
-def run_scenario(scenario: str, settings: Settings, *, prime: bool = True) -> Result:
+def run_scenario(
+    scenario: str, settings: Settings, *, prime: bool = True, label: str = ""
+) -> Result:
     backend, replicas = SCENARIOS[scenario]
     workdir = OUT / f"ingest-{scenario}"
     workdir.mkdir(parents=True, exist_ok=True)
     for old in workdir.iterdir():
         if old.is_file():
             old.unlink()
-    result = Result(scenario, settings, _commit(), datetime.now(UTC).isoformat(timespec="seconds"))
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+    result = Result(scenario + label, settings, _commit(), started)
     db = Database(backend, workdir)
     collectors: list[Server] = []
     try:
@@ -221,11 +233,19 @@ def _drive(plan: Plan, collectors: list[Server], result: Result, *, prime: bool)
         signed = _gather(pipes, "signed")
         _say(f"signed {sum(s['envelopes'] for s in signed)} envelopes; running")
         start_at = time.time() + 1.0
-        cpu_before = sum(_cpu_s(c) for c in collectors)
+        servers = [c.proc.pid if c.proc else None for c in collectors]
+        before = [_cpu_s(pid) for pid in servers] + [_machine_cpu_s()]
+        began = time.monotonic()
         for pipe in pipes:
             pipe.send(start_at)
         outcomes: list[Outcome] = _gather(pipes, "ran", timeout_s=plan.duration_s + 300)
-        result.server_cpu_s = sum(_cpu_s(c) for c in collectors) - cpu_before
+        after = [_cpu_s(pid) for pid in servers] + [_machine_cpu_s()]
+        result.run_s = time.monotonic() - began
+        result.server_cpu_s = sum(after[:-1]) - sum(before[:-1])
+        result.generator_cpu_s = sum(o.cpu_s for o in outcomes)
+        machine = after[-1] - before[-1]
+        result.other_cpu_s = max(0.0, machine - result.server_cpu_s - result.generator_cpu_s)
+        result.load_avg = os.getloadavg()[0]
         return ingest_load.merge(outcomes)
     finally:
         for proc in procs:
@@ -303,7 +323,7 @@ def _lat(stats: dict[str, float]) -> str:
 
 
 def render(results: list[Result], before: list[dict[str, Any]], command_line: str) -> str:
-    s = results[0].settings
+    s = max((r.settings for r in results), key=lambda settings: settings.burst_rate)
     lines = [
         BEGIN,
         "## Collector ingest",
@@ -326,19 +346,20 @@ def render(results: list[Result], before: list[dict[str, Any]], command_line: st
         ),
         "Latency is per request, from the moment it is sent to the end of the answer; an "
         "acknowledgement comes only after the commit (durable: SQLite `synchronous=FULL`, "
-        "PostgreSQL `synchronous_commit=on`). *Lost* counts acknowledged envelopes missing "
-        "from the database afterwards (by SQL) plus envelopes never acknowledged.",
+        "PostgreSQL `synchronous_commit=on`). *Lost* counts acknowledged envelopes (the clean "
+        "boots' too) missing from the database afterwards (by SQL) plus envelopes never "
+        "acknowledged. A run *heartbeats only* is the same load without the burst.",
         "",
         "| scenario | requests | req/s | latency ms p50 / p95 / p99 / max | during the burst "
-        "| heartbeats only | errors | lost | server CPU s | p99 ≤ 100 ms, none lost |",
-        "| --- | ---: | ---: | --- | --- | --- | --- | ---: | ---: | --- |",
+        "| heartbeats only | errors | lost | p99 ≤ 100 ms, none lost |",
+        "| --- | ---: | ---: | --- | --- | --- | --- | ---: | --- |",
     ]
     for r in results:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(r.errors.items())) or "0"
         lines.append(
             f"| {r.scenario} | {r.requests:,} | {r.rate_per_s:.0f} | {_lat(r.request_ms)} "
             f"| {_lat(r.burst_ms)} | {_lat(r.heartbeat_ms)} | {errors} | {r.lost} "
-            f"| {r.server_cpu_s:.0f} | {'met' if r.met() else '**missed**'} |"
+            f"| {'met' if r.met() else '**missed**'} |"
         )
     lines += [
         "",
@@ -358,21 +379,38 @@ def render(results: list[Result], before: list[dict[str, Any]], command_line: st
             f"| {r.prime_s:.1f} s ({s.hosts / max(r.prime_s, 1e-9):.0f}/s) "
             f"| {r.envelopes_acked:,} / {r.stored:,} | {visible} | {r.lag_ms.get('p99', 0):g} |"
         )
+    lines += [
+        "",
+        "CPU during the run (the machine's other processes compete for the same two cores; "
+        "*cores busy* is their CPU time over the run's wall time):",
+        "",
+        "| scenario | run s | collector CPU s | collector CPU ms per request | generators CPU s "
+        "| other processes, cores busy | load average (1 min) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        per_request = 1000 * r.server_cpu_s / max(r.requests, 1)
+        lines.append(
+            f"| {r.scenario} | {r.run_s:.0f} | {r.server_cpu_s:.1f} | {per_request:.2f} "
+            f"| {r.generator_cpu_s:.1f} | {r.other_cpu_s / max(r.run_s, 1e-9):.2f} "
+            f"| {r.load_avg:.1f} |"
+        )
     if before:
         lines += [
             "",
             "Before (an earlier run, `--compare`):",
             "",
             "| scenario | commit | requests | req/s | latency ms p50 / p95 / p99 / max "
-            "| errors | lost |",
-            "| --- | --- | ---: | ---: | --- | --- | ---: |",
+            "| errors | lost | collector CPU ms per request |",
+            "| --- | --- | ---: | ---: | --- | --- | ---: | ---: |",
         ]
         for b in before:
             lost = b.get("missing", 0) + b.get("unsent", 0)
             errors = ", ".join(f"{k}: {v}" for k, v in sorted(b["errors"].items())) or "0"
+            per_request = 1000 * b["server_cpu_s"] / max(b["requests"], 1)
             lines.append(
                 f"| {b['scenario']} | {b['commit']} | {b['requests']:,} | {b['rate_per_s']:.0f} "
-                f"| {_lat(b['request_ms'])} | {errors} | {lost} |"
+                f"| {_lat(b['request_ms'])} | {errors} | {lost} | {per_request:.2f} |"
             )
     lines += [
         "",
@@ -413,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep-alive", action="store_true", help="reuse connections")
     parser.add_argument("--no-prime", action="store_true", help="skip the clean boot reports")
+    parser.add_argument(
+        "--steady", action="store_true", help="also run each scenario without the burst"
+    )
     parser.add_argument("--compare", type=Path, help="an earlier run's JSON, shown as before")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/")
     args = parser.parse_args(argv)
@@ -421,24 +462,28 @@ def main(argv: list[str] | None = None) -> int:
         hosts=args.hosts or (1000 if quick else 10_000),
         duration_s=args.duration or (15.0 if quick else 60.0),
         heartbeat_s=args.heartbeat,
-        burst_rate=args.burst_rate or (200.0 if quick else 1000.0),
-        burst_s=args.burst or (3.0 if quick else 10.0),
+        burst_rate=(200.0 if quick else 1000.0) if args.burst_rate is None else args.burst_rate,
+        burst_s=(3.0 if quick else 10.0) if args.burst is None else args.burst,
         procs=args.procs,
         seed=args.seed,
         keep_alive=args.keep_alive,
     )
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = []
+    loads = [("", settings)]
+    if args.steady:
+        loads.append((", heartbeats only", replace(settings, burst_rate=0.0)))
     for scenario in scenarios:
-        _say(f"{scenario}: {settings}")
-        result = run_scenario(scenario, settings, prime=not args.no_prime)
-        results.append(result)
-        _say(
-            f"{scenario}: {result.requests} requests, {result.rate_per_s:.0f}/s, latency ms "
-            f"{_lat(result.request_ms)}, burst {_lat(result.burst_ms)}, errors {result.errors}, "
-            f"lost {result.lost}, visible {_lat(result.visible_ms)}, lag p99 "
-            f"{result.lag_ms.get('p99')} ms"
-        )
+        for suffix, load in loads:
+            _say(f"{scenario}{suffix}: {load}")
+            result = run_scenario(scenario, load, prime=not args.no_prime, label=suffix)
+            results.append(result)
+            _say(
+                f"{result.scenario}: {result.requests} requests, {result.rate_per_s:.0f}/s, "
+                f"latency ms {_lat(result.request_ms)}, burst {_lat(result.burst_ms)}, errors "
+                f"{result.errors}, lost {result.lost}, visible {_lat(result.visible_ms)}, lag "
+                f"p99 {result.lag_ms.get('p99')} ms"
+            )
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     dump = [{**asdict(r), "lost": r.lost} for r in results]

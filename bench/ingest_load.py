@@ -167,6 +167,7 @@ class Outcome:
     acked: list[tuple[str, int]] = field(default_factory=list)
     duplicates: int = 0
     unsent: int = 0
+    cpu_s: float = 0.0  # this process's CPU time during the run
 
 
 class Generator:
@@ -202,6 +203,7 @@ class Generator:
             answer = await self._insist(host.index, "/v1/reports", host.batch([host.boot()]))
             if answer.status != 200:
                 raise RuntimeError(f"boot {host.host_id}: {answer.status} {answer.body!r}")
+            self.outcome.acked.append((host.host_id, host.seq))  # checked in the database too
             return answer.status
 
         return {"hosts": len(await self._each(one))}
@@ -251,6 +253,7 @@ class Generator:
     async def run(self, events: list[tuple[float, int, bytes, bool]], start_at: float) -> Outcome:
         # start_at is wall-clock time shared by every process; the run is timed on perf_counter
         self.t0 = time.perf_counter() + (start_at - time.time())
+        cpu_before = time.process_time()
         tasks: set[asyncio.Task[None]] = set()
         for t, index, body, finding in events:
             due = self.t0 + t
@@ -269,6 +272,7 @@ class Generator:
             for task in late:
                 task.cancel()
         self.outcome.unsent = sum(len(box) for box in self.outboxes.values())
+        self.outcome.cpu_s = time.process_time() - cpu_before
         for client in self.clients:
             client.close()
         return self.outcome
@@ -316,9 +320,14 @@ class Generator:
         host = self.hosts[index]
         headers = {"Authorization": f"Bearer {self.plan.viewer_token}"}
         for _ in range(100):
-            answer = await self.client(index).request(
-                "GET", f"/v1/hosts/{host.host_id}", headers=headers
-            )
+            try:
+                answer = await self.client(index).request(
+                    "GET", f"/v1/hosts/{host.host_id}", headers=headers
+                )
+            except HttpError:
+                self.outcome.errors["connection"] += 1
+                await asyncio.sleep(RETRY_S)
+                continue
             if answer.status == 200 and json.loads(answer.body)["state"] == "drifted":
                 self.outcome.visible_s.append(time.perf_counter() - started)
                 return
@@ -381,4 +390,5 @@ def merge(outcomes: list[Outcome]) -> Outcome:
         merged.acked.extend(o.acked)
         merged.duplicates += o.duplicates
         merged.unsent += o.unsent
+        merged.cpu_s += o.cpu_s
     return merged

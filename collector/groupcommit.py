@@ -30,17 +30,13 @@ from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
-from collector.errors import Refused
+from collector.errors import Refused, StoreError
 from collector.store import Store, Tx
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 MAX_GROUP: Final = 256
-
-
-class ClosedError(RuntimeError):
-    """The writer was closed (the collector is shutting down); nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -66,8 +62,8 @@ class GroupCommitter:
         """Queue ``apply(tx)``; its future holds what it returns, or what it raised."""
         unit: _Unit[T] = _Unit(apply, tuple(locks))
         with self._wake:
-            if self._closed:
-                raise ClosedError("the collector is shutting down")
+            if self._closed:  # answered 503: the agent keeps the batch and retries
+                raise StoreError("the collector is shutting down; nothing was written")
             if self._thread is None:
                 # a daemon: killed at exit, its open transaction is rolled back, unanswered
                 self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
@@ -98,7 +94,13 @@ class GroupCommitter:
                 if not self._waiting:
                     return
                 group = [self._waiting.popleft() for _ in range(self._group_size())]
-            self._commit(group)
+            try:
+                self._commit(group)
+            except Exception as exc:  # a bug here must not leave requests waiting forever
+                log.exception("group_commit_failed", units=len(group))
+                for unit in group:
+                    if not unit.future.done():
+                        unit.future.set_exception(exc)
 
     def _group_size(self) -> int:
         return min(len(self._waiting), self.max_group)

@@ -42,6 +42,7 @@ from collector.store.schema import (
 )
 
 InsertFactory = Callable[[Table], Insert]
+_ENQUEUE: dict[str, Any] = {}  # the job insert, by dialect name
 
 
 class SqlTx:
@@ -150,22 +151,26 @@ class SqlTx:
 
     def enqueue(self, job: JobSpec) -> bool:
         """Insert a job unless one with the same kind and dedup key is still open."""
-        result = self.conn.execute(
-            self._insert(jobs)
-            .values(
-                kind=job.kind,
-                dedup_key=job.dedup_key,
-                payload=dict(job.payload),
-                state=JobState.PENDING.value,
-                attempts=0,
-                next_attempt_at=job.run_at or self.now,
-                created_at=self.now,
-                updated_at=self.now,
+        statement = _ENQUEUE.get(self.conn.dialect.name)
+        if statement is None:  # built once per dialect: SQLAlchemy then reuses its compiled form
+            statement = (
+                self._insert(jobs)
+                .on_conflict_do_nothing()  # type: ignore[attr-defined]
+                .returning(jobs.c.id)
             )
-            .on_conflict_do_nothing()  # type: ignore[attr-defined]
-            .returning(jobs.c.id)
-        )
-        return result.first() is not None  # rowcount is not reliable after ON CONFLICT
+            _ENQUEUE[self.conn.dialect.name] = statement
+        values = {
+            "kind": job.kind,
+            "dedup_key": job.dedup_key,
+            "payload": dict(job.payload),
+            "state": JobState.PENDING.value,
+            "attempts": 0,
+            "next_attempt_at": job.run_at or self.now,
+            "created_at": self.now,
+            "updated_at": self.now,
+        }
+        # rowcount is not reliable after ON CONFLICT: a returned id says it was inserted
+        return self.conn.execute(statement, values).first() is not None
 
     def image(self, build_id: str) -> Image | None:
         row = self.conn.execute(select(images).where(images.c.build_id == build_id)).first()
@@ -302,6 +307,7 @@ class GroupTx(SqlTx):
         self._tips_read: set[str] = set()  # hosts whose every tip is in _tips
         self._tip_updates: set[tuple[str, str]] = set()
         self._digests: dict[tuple[str, str, int], str] = {}
+        self._images: dict[str, Image | None] = {}
         self._rows: dict[Table, list[dict[str, Any]]] = {
             envelopes: [],
             findings: [],
@@ -376,6 +382,11 @@ class GroupTx(SqlTx):
     def add_transition(self, transition: Transition) -> None:
         self._rows[transitions].append(_transition_row(transition))
         self._move(transition)
+
+    def image(self, build_id: str) -> Image | None:
+        if build_id not in self._images:
+            self._images[build_id] = super().image(build_id)
+        return self._images[build_id]
 
     def flush(self) -> None:
         """Write what the units kept here: one statement per table (per shape of update)."""

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from collector.config import Config
 from collector.errors import Refused, StoreError
-from collector.groupcommit import ClosedError, GroupCommitter
+from collector.groupcommit import GroupCommitter
 from collector.ingest import Ingestor
 from collector.metrics import Metrics
 from collector.store import SqlStore, Tx, open_store
@@ -152,7 +152,7 @@ def test_close_writes_what_waits_then_refuses_more(store: SqlStore) -> None:
     closing.join(WAIT_S)
     assert not closing.is_alive()
     assert [f.result(0) for f in futures] == [f"c-{n}" for n in range(5)]
-    with pytest.raises(ClosedError):
+    with pytest.raises(StoreError, match="shutting down"):
         committer.submit(insert("late"))
 
 
