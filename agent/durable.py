@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,13 @@ def fsync_dir(directory: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` durably; raises ``OSError`` (the caller adds advice)."""
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    """Replace ``path`` with ``data`` durably; raises ``OSError`` (the caller adds advice).
+
+    The temporary file has a unique name and is created new (``O_EXCL``, never following a
+    link), so a leftover or planted file can neither lend it its mode nor redirect the write."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{secrets.token_hex(8)}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode)
     try:
         view = memoryview(data)
         while view:

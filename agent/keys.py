@@ -6,13 +6,13 @@ beside it as ``NAME.pub`` (SubjectPublicKeyInfo PEM), which is what ``--pubkey``
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent import durable
 from agent.errors import KeyFileError, advice
 
 
@@ -30,14 +30,10 @@ def generate(out: Path, *, overwrite: bool = False) -> Ed25519PrivateKey:
     )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        public_path(out).write_bytes(public_pem(key.public_key()))
+        # unique temporary name, O_EXCL, fsync, rename, directory fsync: a power cut at first
+        # boot must not lose the key (a new one is a new identity the collector refuses)
+        durable.write_atomic(out, pem, mode=0o600)
+        durable.write_atomic(public_path(out), public_pem(key.public_key()), mode=0o644)
     except OSError as exc:
         raise KeyFileError(f"cannot write key: {advice(exc)}", path=out) from exc
     return key

@@ -4,8 +4,12 @@ The protocol is ``docs/protocol.md``. The sender posts the oldest unacknowledged
 (in seq order, at most ``batch_max_envelopes`` / ``batch_max_bytes`` per request) and drops
 from the spool exactly what the collector acknowledged. On a connection error, a timeout or a
 5xx it backs off (exponential with full jitter, capped) and retries the same batch; on 404 it
-enrolls again; on another 4xx it narrows the batch down to the refused envelope and moves only
-that one to the spool's ``rejected/`` area. Every wait is bounded and ends at ``stop()``.
+enrolls again. Only the collector's own refusals of an envelope (``malformed``,
+``bad_signature``, ``too_large`` in a driftwarden error body) narrow the batch down to the
+refused envelope and move that one to the spool's ``rejected/`` area. A 4xx without such a
+body (a proxy, a WAF, a gateway in front of the collector) and a chain conflict (``replay``,
+``fork``) keep every envelope and back off; so does an enrollment refused as
+``key_mismatch``. Every wait is bounded and ends at ``stop()``.
 """
 
 from __future__ import annotations
@@ -31,12 +35,31 @@ from agent.reporter import Reporter
 ENROLL_FILE: Final = "enrollment.json"
 REPORTS_PATH: Final = "/v1/reports"
 ENROLL_PATH: Final = "/v1/enroll"
+ENVELOPE_REFUSALS: Final = frozenset({"malformed", "bad_signature", "too_large"})
+CHAIN_CONFLICTS: Final = frozenset({"replay", "fork"})
+INTERMEDIARY_ADVICE: Final = (
+    "the answer is not the collector's (no driftwarden error body): check the proxy, WAF or "
+    "gateway in front of it; every envelope is kept and retried"
+)
+KEY_MISMATCH_ADVICE: Final = (
+    "the collector knows this host under another key: restore the host key in the state "
+    "directory, or have an operator run 'driftwarden rekey HOST --reason ...'; every envelope "
+    "is kept and retried"
+)
+CHAIN_ADVICE: Final = (
+    "the collector holds a different history for this host (a restored snapshot or state "
+    "directory, or a clone); the host is marked suspect there; every envelope is kept"
+)
 
 log = structlog.get_logger(__name__)
 
 
 class EnrollmentRefused(CollectorError):
     """The collector refused our enrollment (bad or missing token, bad request)."""
+
+
+class KeyMismatch(EnrollmentRefused):
+    """The collector knows this host under another key (409 key_mismatch)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +164,8 @@ class Enrollment:
         reply = self._client.post(ENROLL_PATH, request)
         if reply.status >= 500 or reply.status in (408, 429):
             raise CollectorError(f"enrollment failed with HTTP {reply.status}")
+        if reply.status == 409 and _code(reply) == "key_mismatch":
+            raise KeyMismatch(f"enrollment refused: HTTP 409: {_error(reply)}")
         if reply.status not in (200, 201) or not isinstance(reply.body, dict):
             raise EnrollmentRefused(f"enrollment refused: HTTP {reply.status}: {_error(reply)}")
         tip = {
@@ -169,6 +194,15 @@ def _error(reply: Reply) -> str:
         err = body["error"]
         return f"{err.get('code')}: {err.get('message')}"
     return "no error body"
+
+
+def _code(reply: Reply) -> str | None:
+    """The driftwarden error code of a reply, or None when it carries no error body."""
+    body = reply.body
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        code = body["error"].get("code")
+        return code if isinstance(code, str) else None
+    return None
 
 
 def _details(reply: Reply) -> dict[str, Any]:
@@ -278,6 +312,10 @@ class Sender(threading.Thread):
         if not self._enrollment.enrolled:
             try:
                 self._enrollment.enroll()
+            except KeyMismatch as exc:
+                log.error("enroll_key_mismatch", error=str(exc), advice=KEY_MISMATCH_ADVICE)
+                self._pause("key_mismatch", str(exc))
+                return True
             except EnrollmentRefused as exc:
                 log.error("enroll_refused", error=str(exc), advice="check the enrollment token")
                 self._pause("enroll_refused", str(exc))
@@ -306,7 +344,19 @@ class Sender(threading.Thread):
         if reply.status >= 500 or reply.status in (408, 429):
             self._pause("collector_error", f"HTTP {reply.status}: {_error(reply)}")
             return True
-        self._refused([s.seq for s in batch], reply)
+        code = _code(reply)
+        if code in ENVELOPE_REFUSALS:
+            self._refused([s.seq for s in batch], reply)
+        elif code in CHAIN_CONFLICTS:
+            log.error(
+                "chain_conflict", status=reply.status, error=_error(reply), advice=CHAIN_ADVICE
+            )
+            self._pause("chain_conflict", f"HTTP {reply.status}: {_error(reply)}")
+        else:
+            log.error(
+                "delivery_refused", status=reply.status, code=code, advice=INTERMEDIARY_ADVICE
+            )
+            self._pause("refused", f"HTTP {reply.status}: {_error(reply)}")
         return True
 
     def _accepted(self, batch: list[Any], reply: Reply) -> bool:

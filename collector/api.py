@@ -7,6 +7,7 @@ error response). The OpenAPI description is served at ``/openapi.json`` (viewer 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -140,7 +141,8 @@ def create_app(
         own = store is None
         opened = store or open_store(config.database.url, pool_size=config.database.pool_size)
         metrics = Metrics(opened)
-        app.state.services = Services(config, opened, metrics, Ingestor(opened, config, metrics))
+        ingestor = Ingestor(opened, config, metrics)
+        app.state.services = Services(config, opened, metrics, ingestor)
         worker: WorkerThread | None = None
         try:
             if config.server.workers:
@@ -153,6 +155,7 @@ def create_app(
         finally:
             if worker is not None:
                 worker.stop()
+            ingestor.close()
             if own:
                 opened.close()
             log.info("collector_stopped")
@@ -196,8 +199,9 @@ def _public_routes(app: FastAPI) -> None:
         store = services(request).store
         try:
             current, head = store.schema_revision()
-        except StoreError as exc:
-            return error_response(503, "not_ready", f"database unavailable: {exc}")
+        except StoreError as exc:  # the detail (host, port, user) is for the log only
+            log.warning("readiness_failed", error=str(exc))
+            return error_response(503, "not_ready", "database unavailable")
         if current != head:
             return error_response(503, "not_ready", f"schema at {current}, expected {head}")
         return {"status": "ready", "backend": store.backend, "schema": current}
@@ -219,14 +223,19 @@ def _agent_routes(app: FastAPI) -> None:
         """Register a host's key with an enrollment token (idempotent for the same key)."""
         svc = services(request)
         body = await read_json(request, svc.metrics)
-        result = await run_in_threadpool(svc.ingestor.enroll, body)
+        pending = await run_in_threadpool(svc.ingestor.submit_enroll, body)
+        result = await asyncio.wrap_future(pending)
         return JSONResponse(result.body, result.status)
 
     @app.post("/v1/reports", tags=["agent"], openapi_extra=_REPORTS_BODY)
-    async def reports(request: Request) -> dict[str, Any]:
-        """A batch of signed envelopes; answered only after it is committed."""
+    async def reports(request: Request) -> JSONResponse:
+        """A batch of signed envelopes; answered only after it is committed.
+
+        Parsing and signature checks run in the thread pool; the commit is the group writer's,
+        awaited here without holding a thread."""
         svc = services(request)
         body = await read_json(request, svc.metrics)
         with svc.metrics.ingest_seconds.time():
-            result: dict[str, Any] = await run_in_threadpool(svc.ingestor.reports, body)
-        return result
+            pending = await run_in_threadpool(svc.ingestor.submit_reports, body)
+            result = await asyncio.wrap_future(pending)
+        return JSONResponse(result)

@@ -18,6 +18,8 @@ from typing import Final
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from collector.actions.errors import MalformedRequestError
+from collector.actions.request import safe_value
 from collector.errors import AuthError, ForbiddenError
 from collector.model import ApiToken, EnrollToken, Role
 from collector.store import Store
@@ -44,16 +46,27 @@ def create_api_token(store: Store, role: Role, name: str) -> tuple[str, ApiToken
 
 
 def create_enroll_token(
-    store: Store, *, note: str = "", expires_in_s: float | None = None, uses: int | None = None
+    store: Store,
+    *,
+    note: str = "",
+    expires_in_s: float | None = None,
+    uses: int | None = None,
+    pool: str | None = None,
 ) -> tuple[str, EnrollToken]:
-    """A new enrollment token, optionally expiring and limited to ``uses`` enrollments."""
+    """A new enrollment token, optionally expiring, limited to ``uses`` enrollments and bound
+    to ``pool`` (the pool of every host it enrolls, whatever the host claims)."""
     if uses is not None and uses < 1:
         raise ValueError("uses must be at least 1")
+    if pool is not None:
+        try:
+            safe_value("pool", pool)
+        except MalformedRequestError as exc:
+            raise ValueError(str(exc)) from exc
     expires_at: datetime | None = None
     if expires_in_s is not None:
         expires_at = store.clock() + timedelta(seconds=expires_in_s)
     secret = _secret(ENROLL_PREFIX)
-    return secret, store.add_enroll_token(token_hash(secret), note, expires_at, uses)
+    return secret, store.add_enroll_token(token_hash(secret), note, expires_at, uses, pool)
 
 
 def authenticate(store: Store, credentials: HTTPAuthorizationCredentials | None) -> ApiToken:

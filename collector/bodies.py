@@ -15,6 +15,24 @@ from collector.model import Finding
 from collector.verdicts import Observation, Signal
 
 MAX_EVIDENCE_ITEMS: Final = 20
+# The longest string a key may hold: the store's column widths (collector.store.schema), so an
+# over-long value is a 400 malformed here, never a database error (a 503 the agent retries
+# forever) on PostgreSQL while SQLite takes it.
+MAX_CHARS: Final[Mapping[str, int]] = {
+    "host_id": 128,
+    "boot_id": 128,
+    "time": 40,
+    "hostname": 255,
+    "agent_version": 64,
+    "version": 64,
+    "pool": 128,
+    "build_id": 255,
+    "root": 128,
+    "cloud_image_id": 255,
+    "measured_root": 128,
+    "source": 32,
+    "type": 32,
+}
 _PREVIOUS_STOPS: Final = ("clean", "unclean", "first")
 # A finding envelope may continue a body that did not fit one envelope (docs/protocol.md).
 _CONTINUABLE: Final = ("boot", "finding")
@@ -62,6 +80,16 @@ def required(obj: Mapping[str, Any], key: str, typ: type, seq: int | None = None
     value = obj.get(key)
     if (isinstance(value, bool) and typ is not bool) or not isinstance(value, typ):
         raise wire.MalformedError(f"{key!r} is missing or not a {typ.__name__}", seq=seq)
+    if isinstance(value, str):
+        short(key, value, seq)
+    return value
+
+
+def short(key: str, value: str, seq: int | None = None) -> str:
+    """``value`` if it fits ``MAX_CHARS[key]``; else MalformedError."""
+    limit = MAX_CHARS.get(key)
+    if limit is not None and len(value) > limit:
+        raise wire.MalformedError(f"{key!r} is longer than {limit} characters", seq=seq)
     return value
 
 
@@ -83,6 +111,8 @@ def read(env: wire.Envelope, *, now: datetime) -> Reading:
     reader = _READERS.get(env.kind)
     if reader is None:
         raise wire.MalformedError(f"kind {env.kind!r} is not a report", seq=env.seq)
+    short("boot_id", env.boot_id, env.seq)
+    short("time", env.time, env.seq)
     return reader(env, now)
 
 

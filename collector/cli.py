@@ -125,7 +125,7 @@ def _enroll_token_create(args: argparse.Namespace) -> int:
     store = _open_store(args)
     try:
         secret, record = auth.create_enroll_token(
-            store, note=args.note, expires_in_s=args.expires_in, uses=args.uses
+            store, note=args.note, expires_in_s=args.expires_in, uses=args.uses, pool=args.pool
         )
     finally:
         store.close()
@@ -158,7 +158,7 @@ def _read(args: argparse.Namespace, path: str, show: Callable[[Any], str], **par
     if args.json:
         _print_json(data)
     else:
-        print(show(data))
+        print(tables.lines(show(data)))
     return EXIT_OK
 
 
@@ -261,7 +261,7 @@ def _images_register(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
     else:
-        print(f"registered image {data['build_id']} root {data['root']}")
+        print(tables.lines(f"registered image {data['build_id']} root {data['root']}"))
     return EXIT_OK
 
 
@@ -283,7 +283,7 @@ def _action(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
     else:
-        print(f"{args.host_id}: {data.get('state')}")
+        print(tables.lines(f"{args.host_id}: {data.get('state')}"))
     return EXIT_OK
 
 
@@ -334,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--note", default="", help="what it is for")
     e.add_argument("--expires-in", type=float, metavar="SECONDS", help="valid for this long")
     e.add_argument("--uses", type=int, help="how many enrollments it allows")
+    e.add_argument(
+        "--pool", help="the pool of every host it enrolls (a host's own pool fact is ignored)"
+    )
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(handler=_enroll_token_create)
 
@@ -368,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("replace", "ask for a host to be replaced"),
         ("retire", "take a host out of the fleet"),
         ("acknowledge", "record that on-call has seen a host's state"),
+        ("rekey", "allow a host's next enrollment with a new key"),
     ):
         p = sub.add_parser(action, parents=[api], help=text)
         p.add_argument("host_id", metavar="ID")

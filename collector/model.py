@@ -82,6 +82,8 @@ class Host:
     last_seen_at: datetime | None
     envelopes: int
     health: Mapping[str, Any]
+    rekey_allowed_by: str | None = None  # an operator allowed the next enrollment's new key
+    refused_key_id: str | None = None  # the last new key refused (key_mismatch)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -104,6 +106,8 @@ class Host:
             "last_seen_at": iso(self.last_seen_at),
             "envelopes": self.envelopes,
             "health": dict(self.health),
+            "rekey_allowed_by": self.rekey_allowed_by,
+            "refused_key_id": self.refused_key_id,
         }
 
 
@@ -222,11 +226,13 @@ class EnrollToken:
     uses_left: int | None
     uses: int
     revoked_at: datetime | None
+    pool: str | None = None  # hosts enrolled with it belong to this pool, whatever they claim
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.token_id,
             "note": self.note,
+            "pool": self.pool,
             "created_at": iso(self.created_at),
             "expires_at": iso(self.expires_at),
             "uses_left": self.uses_left,

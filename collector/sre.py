@@ -9,20 +9,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import structlog
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent import wire
 from collector import auth, cohorts, transitions
+from collector.actions.request import SAFE_VALUE
 from collector.errors import Refused
 from collector.keys import load_public_key
-from collector.model import ApiToken, HostState, Image, Role, Transition, iso
+from collector.model import ApiToken, Host, HostState, Image, Role, Transition, iso
 from collector.response.routes import host_view
 from collector.services import services
 from collector.verdicts import Observation, Signal
 
 router = APIRouter(prefix="/v1")
 Viewer = Annotated[ApiToken, Depends(auth.require(Role.VIEWER))]
+log = structlog.get_logger(__name__)
 Operator = Annotated[ApiToken, Depends(auth.require(Role.OPERATOR))]
 Admin = Annotated[ApiToken, Depends(auth.require(Role.ADMIN))]
 
@@ -44,6 +47,7 @@ class NewEnrollToken(_Body):
     note: str = Field(default="", max_length=255)
     expires_in_s: float | None = Field(default=None, gt=0)
     uses: int | None = Field(default=None, ge=1)
+    pool: str | None = Field(default=None, pattern=f"^{SAFE_VALUE.pattern}$")
 
 
 class ImageStatement(_Body):
@@ -184,26 +188,40 @@ def retire_host(request: Request, host_id: str, body: Reason, token: Operator) -
     return _act(request, host_id, Signal.RETIRE, "operator", token, body.reason)
 
 
-@router.post("/hosts/{host_id}/acknowledge", tags=["actions"])
-def acknowledge_host(request: Request, host_id: str, body: Reason, token: Operator) -> Any:
-    """Record that on-call has seen the host's state; written to the audit trail."""
+def _audit(
+    request: Request, host_id: str, cause: str, token: ApiToken, reason: str, **values: Any
+) -> Host:
+    """Write an audit line that leaves the host's state as it is (and set ``values``)."""
     store = services(request).store
     with store.transaction() as tx:
         host = tx.lock_host(host_id)
         if host is None:
             raise Refused(404, "unknown_host", f"no host {host_id!r}")
+        evidence = {"reason": reason, "state_cause": host.state_cause}
+        actor = auth.actor(token)
         tx.add_transition(
-            Transition(
-                host_id,
-                host.state,
-                host.state,
-                "acknowledged",
-                auth.actor(token),
-                tx.now,
-                {"reason": body.reason, "state_cause": host.state_cause},
-            )
+            Transition(host_id, host.state, host.state, cause, actor, tx.now, evidence)
         )
+        if values:
+            tx.update_host(host_id, values)
+    return host
+
+
+@router.post("/hosts/{host_id}/acknowledge", tags=["actions"])
+def acknowledge_host(request: Request, host_id: str, body: Reason, token: Operator) -> Any:
+    """Record that on-call has seen the host's state; written to the audit trail."""
+    host = _audit(request, host_id, "acknowledged", token, body.reason)
     return {"host_id": host_id, "state": host.state.value, "acknowledged": True}
+
+
+@router.post("/hosts/{host_id}/rekey", tags=["actions"])
+def rekey_host(request: Request, host_id: str, body: Reason, token: Operator) -> Any:
+    """Allow the host's next enrollment with a new key (its chain restarts under it); until
+    then a new key is refused (409 key_mismatch). Written to the audit trail."""
+    actor = auth.actor(token)
+    host = _audit(request, host_id, "rekey_allowed", token, body.reason, rekey_allowed_by=actor)
+    log.warning("host_rekey_allowed", host_id=host_id, actor=actor, reason=body.reason)
+    return {"host_id": host_id, "state": host.state.value, "rekey_allowed_by": actor}
 
 
 @router.post("/images", tags=["images"], status_code=201)
@@ -279,9 +297,16 @@ def list_enroll_tokens(request: Request, _: Admin) -> dict[str, Any]:
 @router.post("/enroll-tokens", tags=["tokens"], status_code=201)
 def create_enroll_token(request: Request, body: NewEnrollToken, _: Admin) -> dict[str, Any]:
     """A new enrollment token (optional expiry and number of uses); shown once."""
-    secret, record = auth.create_enroll_token(
-        services(request).store, note=body.note, expires_in_s=body.expires_in_s, uses=body.uses
-    )
+    try:
+        secret, record = auth.create_enroll_token(
+            services(request).store,
+            note=body.note,
+            expires_in_s=body.expires_in_s,
+            uses=body.uses,
+            pool=body.pool,
+        )
+    except ValueError as exc:
+        raise Refused(400, "malformed", str(exc)) from exc
     return {**record.to_json(), "token": secret}
 
 

@@ -1,4 +1,9 @@
-"""Plain-text tables for the CLI's read commands (``--json`` prints the API's answer)."""
+"""Plain-text tables for the CLI's read commands (``--json`` prints the API's answer).
+
+Much of what is shown comes from hosts (hostname, pool, image ids, versions): every cell and
+every line printed goes through ``printable``, so a host cannot send terminal escape sequences
+(cursor moves, OSC 52 clipboard writes) to an SRE's terminal.
+"""
 
 from __future__ import annotations
 
@@ -23,10 +28,20 @@ def pairs(items: Mapping[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {_cell(v)}" for k, v in items.items())
 
 
+def printable(text: str) -> str:
+    """``text`` on one printable line: control and other non-printable characters (ESC, CR,
+    newline, …) escaped as in Python literals, like ``wire.display_path``."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def lines(text: str) -> str:
+    """Text of several lines, each made ``printable``."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    text = str(value)
-    return text.replace("\n", "\\n")
+    return printable(str(value))

@@ -102,6 +102,40 @@ def alert_key(host_id: str, cause: str) -> str:
     return f"{host_id}:{cause}"
 
 
+def _alert_base(
+    host: Host, to_state: HostState, cause: str, from_state: HostState | None
+) -> dict[str, Any]:
+    return {
+        "host_id": host.host_id,
+        "hostname": host.hostname,
+        "pool": host.pool,
+        "image": host.image_build_id,
+        "state": to_state.value,
+        "from": from_state.value if from_state else None,
+        "cause": cause,
+    }
+
+
+def _firing(
+    base: Mapping[str, Any], host_id: str, cause: str, severity: str, evidence: Mapping[str, Any]
+) -> JobSpec:
+    key = alert_key(host_id, cause)
+    payload = {
+        **base,
+        "action": "firing",
+        "dedup_key": key,
+        "severity": severity,
+        "evidence": dict(evidence),
+    }
+    return JobSpec(ALERT, f"firing:{key}", payload)
+
+
+def warning(host: Host, cause: str, evidence: Mapping[str, Any]) -> JobSpec:
+    """A warning page about a host whose state does not change (a refused new key)."""
+    base = _alert_base(host, host.state, cause, host.state)
+    return _firing(base, host.host_id, cause, "warning", evidence)
+
+
 def consequences(
     host: Host,
     to_state: HostState,
@@ -117,31 +151,10 @@ def consequences(
     alert of the host. A replacement job (one open per host) is queued on entering drifted,
     tainted, suspect or replacement_requested; its handler applies the safety rails.
     """
-    base = {
-        "host_id": host.host_id,
-        "hostname": host.hostname,
-        "pool": host.pool,
-        "image": host.image_build_id,
-        "state": to_state.value,
-        "from": from_state.value if from_state else None,
-        "cause": cause,
-    }
+    base = _alert_base(host, to_state, cause, from_state)
     out: list[JobSpec] = []
     if to_state in _FIRING:
-        key = alert_key(host.host_id, cause)
-        out.append(
-            JobSpec(
-                ALERT,
-                f"firing:{key}",
-                {
-                    **base,
-                    "action": "firing",
-                    "dedup_key": key,
-                    "severity": _FIRING[to_state],
-                    "evidence": dict(evidence),
-                },
-            )
-        )
+        out.append(_firing(base, host.host_id, cause, _FIRING[to_state], evidence))
     if from_state is S.SILENT and to_state is not S.SILENT:
         key = alert_key(host.host_id, "silent")
         out.append(

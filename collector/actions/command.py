@@ -2,10 +2,12 @@
 
 ``argv`` is a list run directly, never through a shell. In each argument the placeholders
 ``{host_id}``, ``{instance_id}``, ``{pool}`` and ``{request_id}`` are replaced by the request's
-values (``{{`` and ``}}`` stand for literal braces); a value that starts with ``-`` is refused,
-so a host name can never become an option. The same values, and the reason, are also in the
-environment as ``DRIFTWARDEN_HOST_ID``, ``DRIFTWARDEN_INSTANCE_ID``, ``DRIFTWARDEN_POOL``,
-``DRIFTWARDEN_REQUEST_ID``, ``DRIFTWARDEN_REASON`` and ``DRIFTWARDEN_DRY_RUN`` (``1``/``0``).
+values (``{{`` and ``}}`` stand for literal braces); a value that does not match
+``request.SAFE_VALUE`` (a leading ``-``, spaces, quotes, brackets, a ``..`` segment) is refused,
+so a host name can never become an option, a path escape or a different address. The same
+values, and the reason, are also in the environment as ``DRIFTWARDEN_HOST_ID``,
+``DRIFTWARDEN_INSTANCE_ID``, ``DRIFTWARDEN_POOL``, ``DRIFTWARDEN_REQUEST_ID``,
+``DRIFTWARDEN_REASON`` and ``DRIFTWARDEN_DRY_RUN`` (``1``/``0``).
 
 Exit 0 is ``done``; a code in ``already_exit_codes`` is ``already``; a code in
 ``retryable_exit_codes`` (default 75, EX_TEMPFAIL) is a retryable failure; anything else, or
@@ -32,7 +34,14 @@ from typing import IO, Final
 
 import structlog
 
-from collector.actions.request import ActionOutcome, ReplacementRequest, failed, logged
+from collector.actions.errors import MalformedRequestError
+from collector.actions.request import (
+    ActionOutcome,
+    ReplacementRequest,
+    failed,
+    logged,
+    safe_value,
+)
 from collector.sinks.config import ConfigTable
 
 log = structlog.get_logger(__name__)
@@ -83,8 +92,10 @@ class Template:
             value = values[text]
             if value is None:
                 raise LookupError(f"{{{text}}} is used but the request has no {text}")
-            if value.startswith("-") or "\x00" in value:
-                raise LookupError(f"refusing {text} = {value!r} as an argument")
+            try:
+                safe_value(text, value)
+            except MalformedRequestError as exc:
+                raise LookupError(str(exc)) from exc
             out.append(value)
         return "".join(out)
 

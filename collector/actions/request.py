@@ -4,10 +4,15 @@
 after acting, before recording) must not replace twice, so every action checks first and
 answers ``already`` when the host is already on its way out. ``dry_run`` decides nothing:
 the action says what it would do (``would_replace``) and touches nothing.
+
+Every value an action receives (and a command may put into its argv) matches ``SAFE_VALUE``
+(no leading dash, no spaces, quotes, brackets or control characters, no ``.``/``..`` path
+segment); anything else is refused before an action sees it.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -22,6 +27,20 @@ log = structlog.get_logger(__name__)
 OutcomeStatus = Literal["done", "already", "failed", "would_replace"]
 OUTCOME_STATUSES: Final[tuple[OutcomeStatus, ...]] = get_args(OutcomeStatus)
 Check = Literal["gone", "leaving", "stayed", "unknown"]
+SAFE_VALUE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,254}")
+TARGETS: Final = ("request_id", "host_id", "pool")
+
+
+def safe_value(name: str, value: object) -> str:
+    """``value`` if it is a string matching ``SAFE_VALUE`` with no ``.`` or ``..`` path
+    segment; otherwise MalformedRequestError."""
+    if not isinstance(value, str) or not SAFE_VALUE.fullmatch(value):
+        raise MalformedRequestError(
+            f"{name} = {value!r} is refused: an action target must match {SAFE_VALUE.pattern}"
+        )
+    if {".", ".."} & set(value.split("/")):
+        raise MalformedRequestError(f"{name} = {value!r} is refused: a '.' or '..' segment")
+    return value
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,14 +53,10 @@ class ReplacementRequest:
     dry_run: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("request_id", "host_id", "pool"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise MalformedRequestError(f"{name} = {value!r} is not a non-empty string")
-        if self.instance_id is not None and (
-            not isinstance(self.instance_id, str) or not self.instance_id
-        ):
-            raise MalformedRequestError(f"instance_id = {self.instance_id!r} is not a string")
+        for name in TARGETS:
+            safe_value(name, getattr(self, name))
+        if self.instance_id is not None:
+            safe_value("instance_id", self.instance_id)
         if not isinstance(self.reason, str) or not isinstance(self.dry_run, bool):
             raise MalformedRequestError("reason must be a string and dry_run true or false")
 

@@ -146,11 +146,12 @@ def _hold(args: argparse.Namespace, api: Api) -> int:
     if args.json:
         api.print_json(data)
     elif args.command == "hold":
-        print(f"held {data['scope']} {data['target']}: {data['reason']}")
+        print(tables.lines(f"held {data['scope']} {data['target']}: {data['reason']}"))
     else:
         released = ", ".join(f"{h['kind']} hold {h['id']}" for h in data["released"])
         retried = " (its replacement will be tried again)" if data["retried"] else ""
-        print(f"released {data['scope']} {data['target']}: {released or 'no hold'}{retried}")
+        released = f"{released or 'no hold'}{retried}"
+        print(tables.lines(f"released {data['scope']} {data['target']}: {released}"))
     return EXIT_OK
 
 

@@ -198,11 +198,6 @@ def newest_image(tx: SqlTx, pool: str) -> str | None:
     return image
 
 
-def host_facts(tx: SqlTx, host_id: str) -> Mapping[str, Any]:
-    facts = tx.conn.execute(select(hosts.c.facts).where(hosts.c.host_id == host_id)).scalar()
-    return dict(facts or {})
-
-
 # --- holds ------------------------------------------------------------------------------------
 
 

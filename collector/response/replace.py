@@ -33,6 +33,7 @@ from collector.actions import (
     ActionOutcome,
     CapacityReader,
     Check,
+    MalformedRequestError,
     ReplacementAction,
     ReplacementRequest,
     Verifier,
@@ -60,12 +61,10 @@ _INSTANCE_RE: Final = re.compile(r"^i-[0-9a-f]{8,17}$")
 S = ReplacementState
 
 
-def instance_id(host_id: str, facts: Mapping[str, Any]) -> str | None:
-    """The host's cloud instance: the ``instance_id`` fact, or the host id when it is an EC2
-    instance id (agents on EC2 may use it as their host id)."""
-    value = facts.get("instance_id")
-    if isinstance(value, str) and value:
-        return value
+def instance_id(host_id: str) -> str | None:
+    """The host's cloud instance: the host id itself when it is an EC2 instance id (agents on
+    EC2 use it as their host id), else none. Never a fact the host reports about itself: the
+    target of a replacement must not be the host's choice."""
     return host_id if _INSTANCE_RE.match(host_id) else None
 
 
@@ -143,6 +142,8 @@ class Replacer:
                 )
             assert action is not None  # the rails refuse a pool without one
             request = self._lease(tx, host, row, action, dry_run=pool.dry_run)
+            if request is None:
+                return None
         return self._act(action, request, row.replacement_id, verifying=False)
 
     def _capacity(self, pool: PoolConfig, action: object) -> int | None:
@@ -163,7 +164,21 @@ class Replacer:
         action: ReplacementAction,
         *,
         dry_run: bool,
-    ) -> ReplacementRequest:
+    ) -> ReplacementRequest | None:
+        """Lease the replacement to this worker and make its request; a request whose values
+        are not safe action targets fails the replacement (and pages) instead."""
+        try:
+            request = ReplacementRequest(
+                request_id=row.request_id,
+                host_id=host.host_id,
+                instance_id=instance_id(host.host_id),
+                pool=host.pool or "",
+                reason=row.cause,
+                dry_run=dry_run,
+            )
+        except MalformedRequestError as exc:
+            self._fail(tx, host, row, "replacement_refused", str(exc), {"action": action.name})
+            return None
         lease = tx.now + timedelta(seconds=action.timeout_s * LEASE_FACTOR)
         ledger.update_replacement(
             tx,
@@ -174,14 +189,7 @@ class Replacer:
             blocked_reason=None,
             action=action.name,
         )
-        return ReplacementRequest(
-            request_id=row.request_id,
-            host_id=host.host_id,
-            instance_id=instance_id(host.host_id, ledger.host_facts(tx, host.host_id)),
-            pool=host.pool or "",
-            reason=row.cause,
-            dry_run=dry_run,
-        )
+        return request
 
     def _block(self, tx: SqlTx, host: Host, row: Replacement, verdict: rails.Verdict) -> None:
         changed = row.state is not S.BLOCKED or row.blocked_by != verdict.rail
@@ -341,12 +349,11 @@ class Replacer:
             if host is None or host.state in GONE_STATES:
                 ledger.update_replacement(tx, row.replacement_id, state=S.DONE)
                 return None
-            facts = ledger.host_facts(tx, host_id)
         action = self.config.actions.get(row.action or "")
         request = ReplacementRequest(
             request_id=row.request_id,
             host_id=host_id,
-            instance_id=instance_id(host_id, facts),
+            instance_id=instance_id(host_id),
             pool=host.pool or "",
             reason=row.cause,
         )
@@ -379,8 +386,10 @@ class Replacer:
                 pool=host.pool,
                 detail={"request_id": row.request_id, "requests": row.requests},
             )
-            request = self._lease(tx, host, row, action, dry_run=False)
-        return self._act(action, request, row.replacement_id, verifying=True)
+            again = self._lease(tx, host, row, action, dry_run=False)
+            if again is None:
+                return None
+        return self._act(action, again, row.replacement_id, verifying=True)
 
     def _next(self, tx: SqlTx, pool: str | None) -> None:
         """A replacement left the budget: the pool's waiting ones are looked at now."""

@@ -61,8 +61,9 @@ def _converters(cls: type[Any]) -> tuple[tuple[str, str, Any], ...]:
     return _CACHE[cls]
 
 
-def record(cls: type[T], row: Row[Any]) -> T:
-    values = row._mapping
+def record(cls: type[T], row: Row[Any] | Mapping[str, Any]) -> T:
+    """A record from a row, or from a mapping of its columns by name."""
+    values = row._mapping if isinstance(row, Row) else row
     kwargs: dict[str, Any] = {}
     for name, column, convert in _converters(cls):
         value = values[column]

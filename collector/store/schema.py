@@ -77,6 +77,8 @@ hosts = Table(
     Column("envelopes", BigInteger, nullable=False),
     Column("health", JSON, nullable=False),
     Column("facts", JSON, nullable=False),
+    Column("rekey_allowed_by", String(255)),
+    Column("refused_key_id", String(64)),
 )
 
 host_keys = Table(
@@ -182,6 +184,7 @@ enroll_tokens = Table(
     Column("uses_left", Integer),
     Column("uses", Integer, nullable=False),
     Column("revoked_at", UtcDateTime),
+    Column("pool", String(128)),
 )
 
 images = Table(

@@ -45,7 +45,7 @@ from collector.store.schema import (
     jobs,
     transitions,
 )
-from collector.store.tx import SqlTx
+from collector.store.tx import GroupTx, SqlTx
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +56,7 @@ def utc_now() -> datetime:
 
 class SqlStore:
     backend: ClassVar[str]
+    row_locks: ClassVar[bool] = True  # False where a write transaction locks the database
 
     def __init__(self, engine: Engine, *, display_url: str) -> None:
         self.engine = engine
@@ -84,12 +85,24 @@ class SqlStore:
             raise StoreError(f"database error: {exc}") from exc
 
     @contextmanager
-    def _transaction(self) -> Iterator[SqlTx]:
+    def _transaction(self, kind: type[SqlTx] = SqlTx) -> Iterator[SqlTx]:
         with self._connect(write=True) as conn:
-            yield SqlTx(conn, self.clock(), self.insert)
+            yield kind(conn, self.clock(), self.insert, row_locks=self.row_locks)
 
     def transaction(self) -> AbstractContextManager[SqlTx]:
         return self._transaction()
+
+    @contextmanager
+    def _group_transaction(self) -> Iterator[GroupTx]:
+        with self._transaction(GroupTx) as tx:
+            assert isinstance(tx, GroupTx)
+            yield tx
+            tx.flush()
+
+    def group_transaction(self) -> AbstractContextManager[GroupTx]:
+        """A transaction for many units of work at once (a group commit): what they write is
+        kept and written in a few statements just before the commit (``GroupTx``)."""
+        return self._group_transaction()
 
     def _read(self) -> AbstractContextManager[Connection]:
         return self._connect(write=False)
@@ -256,7 +269,12 @@ class SqlStore:
         return self._revoke(api_tokens, token_id)
 
     def add_enroll_token(
-        self, token_hash: str, note: str, expires_at: datetime | None, uses: int | None
+        self,
+        token_hash: str,
+        note: str,
+        expires_at: datetime | None,
+        uses: int | None,
+        pool: str | None = None,
     ) -> EnrollToken:
         with self._transaction() as tx:
             token_id = tx.conn.execute(
@@ -268,6 +286,7 @@ class SqlStore:
                     expires_at=expires_at,
                     uses_left=uses,
                     uses=0,
+                    pool=pool,
                 )
                 .returning(enroll_tokens.c.id)
             ).scalar_one()

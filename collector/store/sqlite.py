@@ -31,14 +31,15 @@ class SqliteStore(SqlStore):
     still covers other processes (the CLI creating a token)."""
 
     backend: ClassVar[str] = "sqlite"
+    row_locks: ClassVar[bool] = False
 
     def __init__(self, engine: Engine, *, display_url: str) -> None:
         super().__init__(engine, display_url=display_url)
         self._writer = threading.Lock()
 
     @contextmanager
-    def _transaction(self) -> Iterator[SqlTx]:
-        with self._writer, super()._transaction() as tx:
+    def _transaction(self, kind: type[SqlTx] = SqlTx) -> Iterator[SqlTx]:
+        with self._writer, super()._transaction(kind) as tx:
             yield tx
 
     def insert(self, table: Table) -> Insert:

@@ -6,10 +6,28 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Table, func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Insert,
+    Table,
+    bindparam,
+    func,
+    select,
+    update,
+)
 
 from agent import wire
-from collector.model import Finding, Host, HostState, Image, JobSpec, JobState, Transition
+from collector.model import (
+    EnrollToken,
+    Finding,
+    Host,
+    HostState,
+    Image,
+    JobSpec,
+    JobState,
+    Transition,
+)
 from collector.store import rows
 from collector.store.schema import (
     enroll_tokens,
@@ -24,15 +42,19 @@ from collector.store.schema import (
 )
 
 InsertFactory = Callable[[Table], Insert]
+_ENQUEUE: dict[str, Any] = {}  # the job insert, by dialect name
 
 
 class SqlTx:
     """The unit of work: the backend's connection inside ``BEGIN`` … ``COMMIT``."""
 
-    def __init__(self, conn: Connection, now: datetime, insert: InsertFactory) -> None:
+    def __init__(
+        self, conn: Connection, now: datetime, insert: InsertFactory, *, row_locks: bool = True
+    ) -> None:
         self.conn = conn
         self.now = now
         self._insert = insert
+        self._row_locks = row_locks
 
     def lock_host(self, host_id: str) -> Host | None:
         """The host's row, locked until commit (PostgreSQL ``FOR UPDATE``; SQLite holds the
@@ -41,6 +63,18 @@ class SqlTx:
             select(hosts).where(hosts.c.host_id == host_id).with_for_update()
         ).first()
         return rows.host(row) if row else None
+
+    def lock_hosts(self, host_ids: Sequence[str]) -> None:
+        """Lock these hosts' rows in one statement, in host id order: transactions locking
+        overlapping sets of hosts (replicas' group commits) then never deadlock on them. A
+        backend without row locks (SQLite: one write lock for the database) skips it."""
+        if host_ids and self._row_locks:
+            self.conn.execute(
+                select(hosts.c.host_id)
+                .where(hosts.c.host_id.in_(sorted(host_ids)))
+                .order_by(hosts.c.host_id)
+                .with_for_update()
+            ).all()
 
     def insert_host(self, host_id: str, values: Mapping[str, Any]) -> None:
         self.conn.execute(hosts.insert().values(host_id=host_id, **values))
@@ -88,53 +122,18 @@ class SqlTx:
         return digest
 
     def add_envelope(self, host_id: str, key_id: str, envelope: wire.Envelope) -> None:
-        self.conn.execute(
-            envelopes.insert().values(
-                host_id=host_id,
-                key_id=key_id,
-                seq=envelope.seq,
-                digest=envelope.digest,
-                kind=envelope.kind,
-                boot_id=envelope.boot_id,
-                time=envelope.time,
-                received_at=self.now,
-                body=dict(envelope.body),
-            )
-        )
+        self.conn.execute(envelopes.insert(), _envelope_row(host_id, key_id, envelope, self.now))
 
     def add_findings(self, found: Sequence[Finding]) -> None:
         if found:
-            self.conn.execute(
-                findings.insert(),
-                [
-                    {
-                        "host_id": f.host_id,
-                        "seq": f.seq,
-                        "source": f.source,
-                        "type": f.type,
-                        "severity": f.severity,
-                        "drift": f.drift,
-                        "path": f.path,
-                        "at": f.at,
-                        "detail": dict(f.detail),
-                    }
-                    for f in found
-                ],
-            )
+            self.conn.execute(findings.insert(), [_finding_row(f) for f in found])
 
     def add_transition(self, transition: Transition) -> None:
         """Append to the audit trail and move the host, in this transaction."""
-        self.conn.execute(
-            transitions.insert().values(
-                host_id=transition.host_id,
-                from_state=transition.from_state.value if transition.from_state else None,
-                to_state=transition.to_state.value,
-                cause=transition.cause,
-                actor=transition.actor,
-                at=transition.at,
-                evidence=dict(transition.evidence),
-            )
-        )
+        self.conn.execute(transitions.insert(), _transition_row(transition))
+        self._move(transition)
+
+    def _move(self, transition: Transition) -> None:
         resume = (
             transition.from_state.value
             if transition.to_state is HostState.SILENT and transition.from_state
@@ -152,26 +151,46 @@ class SqlTx:
 
     def enqueue(self, job: JobSpec) -> bool:
         """Insert a job unless one with the same kind and dedup key is still open."""
-        result = self.conn.execute(
-            self._insert(jobs)
-            .values(
-                kind=job.kind,
-                dedup_key=job.dedup_key,
-                payload=dict(job.payload),
-                state=JobState.PENDING.value,
-                attempts=0,
-                next_attempt_at=job.run_at or self.now,
-                created_at=self.now,
-                updated_at=self.now,
+        statement = _ENQUEUE.get(self.conn.dialect.name)
+        if statement is None:  # built once per dialect: SQLAlchemy then reuses its compiled form
+            statement = (
+                self._insert(jobs)
+                .on_conflict_do_nothing()  # type: ignore[attr-defined]
+                .returning(jobs.c.id)
             )
-            .on_conflict_do_nothing()  # type: ignore[attr-defined]
-            .returning(jobs.c.id)
-        )
-        return result.first() is not None  # rowcount is not reliable after ON CONFLICT
+            _ENQUEUE[self.conn.dialect.name] = statement
+        values = {
+            "kind": job.kind,
+            "dedup_key": job.dedup_key,
+            "payload": dict(job.payload),
+            "state": JobState.PENDING.value,
+            "attempts": 0,
+            "next_attempt_at": job.run_at or self.now,
+            "created_at": self.now,
+            "updated_at": self.now,
+        }
+        # rowcount is not reliable after ON CONFLICT: a returned id says it was inserted
+        return self.conn.execute(statement, values).first() is not None
 
     def image(self, build_id: str) -> Image | None:
         row = self.conn.execute(select(images).where(images.c.build_id == build_id)).first()
         return rows.image(row) if row else None
+
+    def _live_token(self, token_hash: str) -> tuple[ColumnElement[bool], ...]:
+        t = enroll_tokens.c
+        return (
+            t.token_hash == token_hash,
+            t.revoked_at.is_(None),
+            (t.expires_at.is_(None)) | (t.expires_at > self.now),
+            (t.uses_left.is_(None)) | (t.uses_left > 0),
+        )
+
+    def live_enroll_token(self, token_hash: str) -> EnrollToken | None:
+        """The enrollment token, if it is live (known, not expired, used up or revoked); no
+        use is spent."""
+        query = select(enroll_tokens).where(*self._live_token(token_hash))
+        row = self.conn.execute(query).first()
+        return rows.enroll_token(row) if row else None
 
     def use_enroll_token(self, token_hash: str) -> bool:
         """Spend one use of a live enrollment token; False if unknown, expired, used up or
@@ -179,12 +198,7 @@ class SqlTx:
         t = enroll_tokens.c
         result = self.conn.execute(
             update(enroll_tokens)
-            .where(
-                t.token_hash == token_hash,
-                t.revoked_at.is_(None),
-                (t.expires_at.is_(None)) | (t.expires_at > self.now),
-                (t.uses_left.is_(None)) | (t.uses_left > 0),
-            )
+            .where(*self._live_token(token_hash))
             .values(
                 uses=t.uses + 1,
                 uses_left=t.uses_left - 1,  # NULL (unlimited) stays NULL
@@ -228,3 +242,178 @@ class SqlTx:
             .values(closed_at=self.now)
         )
         return bool(result.rowcount)
+
+
+def _envelope_row(
+    host_id: str, key_id: str, envelope: wire.Envelope, received_at: datetime
+) -> dict[str, Any]:
+    return {
+        "host_id": host_id,
+        "key_id": key_id,
+        "seq": envelope.seq,
+        "digest": envelope.digest,
+        "kind": envelope.kind,
+        "boot_id": envelope.boot_id,
+        "time": envelope.time,
+        "received_at": received_at,
+        "body": dict(envelope.body),
+    }
+
+
+def _finding_row(f: Finding) -> dict[str, Any]:
+    return {
+        "host_id": f.host_id,
+        "seq": f.seq,
+        "source": f.source,
+        "type": f.type,
+        "severity": f.severity,
+        "drift": f.drift,
+        "path": f.path,
+        "at": f.at,
+        "detail": dict(f.detail),
+    }
+
+
+def _transition_row(t: Transition) -> dict[str, Any]:
+    return {
+        "host_id": t.host_id,
+        "from_state": t.from_state.value if t.from_state else None,
+        "to_state": t.to_state.value,
+        "cause": t.cause,
+        "actor": t.actor,
+        "at": t.at,
+        "evidence": dict(t.evidence),
+    }
+
+
+class GroupTx(SqlTx):
+    """The transaction of a group commit: many units of work, one commit.
+
+    The group's host rows and chain tips are read (and locked) once, up front; the rows units
+    append (envelopes, findings, the audit trail) and the host and tip updates they make are
+    kept here and written by ``flush`` in a few multi-row statements just before the commit.
+    Reads through this object see those writes; SQL sent straight to ``conn`` does not, so
+    only ``Tx`` methods may touch the hosts, host_keys, envelopes, findings and transitions
+    tables in it. Jobs, enrollment tokens and new hosts are written at once.
+    """
+
+    def __init__(
+        self, conn: Connection, now: datetime, insert: InsertFactory, *, row_locks: bool = True
+    ) -> None:
+        super().__init__(conn, now, insert, row_locks=row_locks)
+        self._hosts: dict[str, dict[str, Any]] = {}  # host rows as they now are
+        self._host_updates: dict[str, dict[str, Any]] = {}
+        self._tips: dict[tuple[str, str], wire.ChainState] = {}
+        self._tips_read: set[str] = set()  # hosts whose every tip is in _tips
+        self._tip_updates: set[tuple[str, str]] = set()
+        self._digests: dict[tuple[str, str, int], str] = {}
+        self._images: dict[str, Image | None] = {}
+        self._rows: dict[Table, list[dict[str, Any]]] = {
+            envelopes: [],
+            findings: [],
+            transitions: [],
+        }
+
+    def lock_hosts(self, host_ids: Sequence[str]) -> None:
+        """Read and lock the group's hosts and their chain tips, two statements in all."""
+        wanted = sorted(set(host_ids) - self._hosts.keys())
+        if not wanted:
+            return
+        query = select(hosts).where(hosts.c.host_id.in_(wanted)).order_by(hosts.c.host_id)
+        if self._row_locks:
+            query = query.with_for_update()
+        for row in self.conn.execute(query):
+            self._hosts[row.host_id] = dict(row._mapping)
+        k = host_keys.c
+        tips = select(k.host_id, k.key_id, k.last_seq, k.last_digest).where(k.host_id.in_(wanted))
+        for row in self.conn.execute(tips):
+            self._tips[(row.host_id, row.key_id)] = wire.ChainState(row.last_seq, row.last_digest)
+        self._tips_read.update(wanted)
+
+    def lock_host(self, host_id: str) -> Host | None:
+        if host_id not in self._hosts:
+            row = self.conn.execute(
+                select(hosts).where(hosts.c.host_id == host_id).with_for_update()
+            ).first()
+            if row is None:
+                return None
+            self._hosts[host_id] = dict(row._mapping)
+        return rows.record(Host, self._hosts[host_id])
+
+    def insert_host(self, host_id: str, values: Mapping[str, Any]) -> None:
+        super().insert_host(host_id, values)
+        self._hosts.pop(host_id, None)
+
+    def update_host(self, host_id: str, values: Mapping[str, Any]) -> None:
+        self._host_updates.setdefault(host_id, {}).update(values)
+        if host_id in self._hosts:
+            self._hosts[host_id].update(values)
+
+    def key_tip(self, host_id: str, key_id: str) -> wire.ChainState | None:
+        tip = self._tips.get((host_id, key_id))
+        if tip is not None or host_id in self._tips_read:
+            return tip
+        tip = super().key_tip(host_id, key_id)
+        if tip is not None:
+            self._tips[(host_id, key_id)] = tip
+        return tip
+
+    def add_key(self, host_id: str, key_id: str, public_key: bytes) -> None:
+        super().add_key(host_id, key_id, public_key)
+        self._tips_read.discard(host_id)
+        self._tips.pop((host_id, key_id), None)
+
+    def set_tip(self, host_id: str, key_id: str, tip: wire.ChainState) -> None:
+        self._tips[(host_id, key_id)] = wire.ChainState(tip.last_seq, tip.last_digest)
+        self._tip_updates.add((host_id, key_id))
+
+    def stored_digest(self, host_id: str, key_id: str, seq: int) -> str | None:
+        return self._digests.get((host_id, key_id, seq)) or super().stored_digest(
+            host_id, key_id, seq
+        )
+
+    def add_envelope(self, host_id: str, key_id: str, envelope: wire.Envelope) -> None:
+        self._rows[envelopes].append(_envelope_row(host_id, key_id, envelope, self.now))
+        self._digests[(host_id, key_id, envelope.seq)] = envelope.digest
+
+    def add_findings(self, found: Sequence[Finding]) -> None:
+        self._rows[findings].extend(_finding_row(f) for f in found)
+
+    def add_transition(self, transition: Transition) -> None:
+        self._rows[transitions].append(_transition_row(transition))
+        self._move(transition)
+
+    def image(self, build_id: str) -> Image | None:
+        if build_id not in self._images:
+            self._images[build_id] = super().image(build_id)
+        return self._images[build_id]
+
+    def flush(self) -> None:
+        """Write what the units kept here: one statement per table (per shape of update)."""
+        for table, pending in self._rows.items():
+            if pending:
+                self.conn.execute(table.insert(), pending)
+                pending.clear()
+        by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for host_id, values in self._host_updates.items():
+            by_columns.setdefault(tuple(sorted(values)), []).append({"b_host": host_id, **values})
+        for batch in by_columns.values():
+            self.conn.execute(update(hosts).where(hosts.c.host_id == bindparam("b_host")), batch)
+        self._host_updates.clear()
+        if self._tip_updates:
+            k = host_keys.c
+            self.conn.execute(
+                update(host_keys)
+                .where(k.host_id == bindparam("b_host"), k.key_id == bindparam("b_key"))
+                .values(last_seq=bindparam("b_seq"), last_digest=bindparam("b_digest")),
+                [
+                    {
+                        "b_host": h,
+                        "b_key": key,
+                        "b_seq": self._tips[(h, key)].last_seq,
+                        "b_digest": self._tips[(h, key)].last_digest,
+                    }
+                    for h, key in sorted(self._tip_updates)
+                ],
+            )
+            self._tip_updates.clear()

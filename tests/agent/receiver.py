@@ -3,7 +3,9 @@
 It implements the collector side of docs/protocol.md strictly with ``agent.wire`` (enrollment
 verification, envelope signatures, the chain, all-or-nothing batches), so every test that
 delivers through it also checks the wire format. It can be stopped and restarted on the same
-port, made to fail (5xx), to refuse chosen seqs, or to forget a host (404).
+port, made to fail (5xx), to refuse chosen seqs, to forget a host (404), or to answer as a
+proxy in front of it would (a bare HTML page). Like the collector, it refuses a new key for a
+known host (409 key_mismatch) until ``allow_rekey`` is set.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class Receiver:
         self.requests = 0
         self.fail_next = 0  # answer this many report requests with 503
         self.refuse: dict[int, tuple[int, str]] = {}  # seq -> (status, code), always refused
+        self.bare: list[int] = []  # answer the next report requests with these bare pages
+        self.allow_rekey = False
         self.port = 0
         self._cond = threading.Condition()
         self._server: ThreadingHTTPServer | None = None
@@ -109,6 +113,8 @@ class Receiver:
             known = self.hosts.get(host_id)
             if known is not None and known.key_raw == raw:
                 status = 200
+            elif known is not None and not self.allow_rekey:
+                return 409, wire.error_body("key_mismatch", "enrolled under another key")
             else:
                 known = HostState(keys.public_from_raw(raw), raw)
                 self.hosts[host_id] = known
@@ -117,6 +123,15 @@ class Receiver:
             self._cond.notify_all()
             tip = {"last_seq": known.chain.last_seq, "last_digest": known.chain.last_digest}
         return status, {"host_id": host_id, **tip}
+
+    def bare_page(self) -> int | None:
+        """The status of a bare page to answer this report request with, if one is due."""
+        with self._cond:
+            if not self.bare:
+                return None
+            self.requests += 1
+            self._cond.notify_all()
+            return self.bare.pop(0)
 
     def report(self, obj: Any) -> tuple[int, dict[str, Any]]:
         with self._cond:
@@ -181,7 +196,11 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             if self.path == "/v1/enroll":
                 self._answer(*receiver.enroll(obj))
             elif self.path == "/v1/reports":
-                self._answer(*receiver.report(obj))
+                status = receiver.bare_page()
+                if status is None:
+                    self._answer(*receiver.report(obj))
+                else:
+                    self._page(status)
             else:
                 self._answer(404, wire.error_body("not_found", self.path))
 
@@ -189,6 +208,14 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _page(self, status: int) -> None:
+            data = f"<html><body><h1>{status}</h1>denied by policy</body></html>".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

@@ -171,6 +171,63 @@ def test_a_refused_envelope_is_set_aside_and_the_rest_delivered(
     assert agent.reporter.spool.health().rejected == 1
 
 
+def test_a_refusal_without_a_collector_error_body_is_retried_never_parked(
+    receiver: Receiver, make_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    receiver.bare = [403, 407, 401, 400, 413]  # a WAF, a proxy, a gateway: HTML, no error body
+    agent = make_agent(receiver.url)
+    agent.report(6)
+    with capture_logs() as logs:
+        agent.sender.start()
+        receiver.wait_for(lambda rx: len(rx.envelopes()) == 6)
+    assert agent.sender.flush(10)
+    assert _numbers(receiver) == list(range(6))
+    assert receiver.hosts[HOST].gaps == []
+    assert not list((tmp_path / "spool" / "rejected").iterdir())
+    refused = [e for e in logs if e["event"] == "delivery_refused"]
+    assert [e["status"] for e in refused] == [403, 407, 401, 400, 413]
+    assert all("proxy" in e["advice"] for e in refused)
+
+
+def test_a_chain_conflict_keeps_every_envelope(
+    receiver: Receiver, make_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    receiver.refuse[2] = (409, "replay")
+    agent = make_agent(receiver.url)
+    agent.report(3)
+    with capture_logs() as logs:
+        agent.sender.start()
+        wait_until(lambda: sum(e["event"] == "chain_conflict" for e in logs) >= 3)
+    assert agent.reporter.spool.health().depth == 3
+    assert not list((tmp_path / "spool" / "rejected").iterdir())
+    assert agent.sender.state == "chain_conflict"
+
+
+def test_a_new_key_refused_by_the_collector_keeps_the_spool_and_retries(
+    receiver: Receiver, make_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    first = make_agent(receiver.url)
+    first.report(1)
+    first.sender.start()
+    receiver.wait_for(lambda rx: len(rx.envelopes()) == 1)
+    first.close()
+    (tmp_path / "enrollment.json").unlink()
+    (tmp_path / "chain.json").unlink()
+    again = make_agent(receiver.url)  # the same host id, a new key
+    again.report(2, start=1)
+    with capture_logs() as logs:
+        again.sender.start()
+        wait_until(lambda: sum(e["event"] == "enroll_key_mismatch" for e in logs) >= 3)
+        assert again.reporter.spool.health().depth == 2
+        assert not list((tmp_path / "spool" / "rejected").iterdir())
+        refused = [e for e in logs if e["event"] == "enroll_key_mismatch"]
+        assert "driftwarden rekey" in refused[0]["advice"]
+        receiver.allow_rekey = True  # an operator allowed the new key
+        receiver.wait_for(lambda rx: len(rx.envelopes()) == 2)
+    assert again.sender.flush(10)
+    assert _numbers(receiver) == [1, 2]
+
+
 def test_unknown_host_enrolls_again(receiver: Receiver, make_agent: Callable[..., Agent]) -> None:
     agent = make_agent(receiver.url)
     agent.sender.start()

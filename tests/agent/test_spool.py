@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from structlog.testing import capture_logs
 
-from agent import wire
+from agent import durable, keys, wire
 from agent.reporter import MAX_BODY_BYTES, Reporter, split_findings
 from agent.spool import Spool
 
@@ -205,3 +206,21 @@ def test_full_disk_is_a_state_not_a_crash(small_fs: Path, key: Ed25519PrivateKey
     assert findings == [0, 1, 2, 3, 4]
     assert [e.body["health"]["n"] for e in delivered if e.kind == "heartbeat"] == [4]
     wire.verify_chain([e.to_json() for e in delivered], key.public_key())
+
+
+def test_a_key_file_never_inherits_a_leftover_temporary_or_follows_a_link(tmp_path: Path) -> None:
+    out = tmp_path / "host.key"
+    leftover = tmp_path / "host.key.tmp"  # the temporary's old fixed name, world-readable
+    leftover.write_bytes(b"old")
+    leftover.chmod(0o644)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    (tmp_path / f"{durable.TMP_PREFIX}host.key").symlink_to(victim)
+    keys.generate(out)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert victim.read_bytes() == b"keep"
+    assert keys.load_private(out).public_key() is not None
+    assert keys.public_path(out).read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    assert not [
+        p for p in tmp_path.iterdir() if p.name.startswith(durable.TMP_PREFIX + "host.key.")
+    ]

@@ -31,6 +31,7 @@ ROUTES: dict[tuple[str, str], Role | str] = {
     ("POST", "/v1/hosts/{host_id}/replace"): OPERATOR,
     ("POST", "/v1/hosts/{host_id}/retire"): OPERATOR,
     ("POST", "/v1/hosts/{host_id}/acknowledge"): OPERATOR,
+    ("POST", "/v1/hosts/{host_id}/rekey"): OPERATOR,
     ("POST", "/v1/images"): OPERATOR,
     ("GET", "/v1/tokens"): ADMIN,
     ("POST", "/v1/tokens"): ADMIN,

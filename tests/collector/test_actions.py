@@ -341,9 +341,15 @@ def test_command_dry_run_runs_only_the_dry_run_argv(script: Path, tmp_path: Path
 
 
 def test_command_refuses_values_that_would_become_options(script: Path, tmp_path: Path) -> None:
-    outcome = command(script, tmp_path).replace(request(host_id="-rf"))
-    assert (outcome.status, outcome.retryable) == ("failed", False)
-    assert "refusing host_id = '-rf'" in outcome.detail
+    with pytest.raises(MalformedRequestError, match="host_id = '-rf' is refused"):
+        request(host_id="-rf")
+    action = command(script, tmp_path)
+    for bad in ("-rf", "../other", "web]", "a b"):  # a request stored before the rule
+        forged = request()
+        object.__setattr__(forged, "pool", bad)
+        outcome = action.replace(forged)
+        assert (outcome.status, outcome.retryable) == ("failed", False)
+        assert f"pool = {bad!r} is refused" in outcome.detail
     outcome = command(script, tmp_path).replace(request(None))
     assert "{instance_id} is used but the request has no instance_id" in outcome.detail
     assert not (tmp_path / "record.json").exists()

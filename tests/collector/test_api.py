@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from starlette.routing import Route
+from structlog.testing import capture_logs
 
 from collector.api import create_app
 from collector.config import Config, ImageConfig, ServerConfig
@@ -133,7 +134,13 @@ def test_database_outage_is_503_in_the_envelope(pg_url: str) -> None:
     store = open_store(missing, migrate=False)
     try:
         with TestClient(create_app(make_config(), store=store)) as client:
-            assert_error(client.get("/readyz"), 503, "not_ready")
+            with capture_logs() as logs:
+                answer = client.get("/readyz")
+            assert_error(answer, 503, "not_ready")
+            # the database's own words (host, port, user, database) only in the log
+            assert answer.json()["error"]["message"] == "database unavailable"
+            [failed] = [e for e in logs if e["event"] == "readiness_failed"]
+            assert "driftwarden_no_such_database" in failed["error"]
             assert client.get("/healthz").status_code == 200
             sim = SimHost()
             assert_error(

@@ -141,3 +141,18 @@ def test_bootstrap_tokens_are_shown_once(tmp_path: Path) -> None:
     assert out[1].startswith("dwt_")
     made = json.loads(ok("enroll-token", "create", "--db", db, "--expires-in", "60", "--json"))
     assert made["token"].startswith("dwe_") and made["expires_at"]
+
+
+def test_host_controlled_text_cannot_drive_the_terminal(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'collector.db'}"
+    admin = json.loads(ok("token", "create", "--role", "admin", "--db", db, "--json"))["token"]
+    enroll = ok("enroll-token", "create", "--db", db).splitlines()[-1]
+    hostile = "\x1b[1A\x1b[2Kclean\x1b]52;c;cm0gLXJmIH4=\x07\r\n"
+    with Server(db, tmp_path) as server:
+        sim = SimHost("evil-1", pool=hostile)
+        assert requests.post(server.url + "/v1/enroll", json=sim.enrollment(enroll)).ok
+        env = {"DRIFTWARDEN_URL": server.url, "DRIFTWARDEN_TOKEN": admin}
+        for args in (("hosts",), ("host", "evil-1")):
+            out = ok(*args, env=env)
+            assert not any(c in out for c in "\x1b\x07\r"), out
+            assert "\\x1b[1A\\x1b[2Kclean\\x1b]52;c;cm0gLXJmIH4=\\x07\\r\\n" in out

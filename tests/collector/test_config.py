@@ -25,8 +25,9 @@ def test_defaults_are_valid_and_zero_setup(tmp_path: Path, monkeypatch: pytest.M
     assert defaults.database.url == f"sqlite:///{tmp_path / 'driftwarden.db'}"
     assert defaults.server.max_body_bytes == 4 * 1024 * 1024
     assert defaults.verdicts.silent_after_s == 90.0
-    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/driftwarden")
-    assert config.Config().database.url == "sqlite:////var/lib/driftwarden/driftwarden.db"
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/driftwarden-collector")
+    url = "sqlite:////var/lib/driftwarden-collector/driftwarden.db"
+    assert config.Config().database.url == url
 
 
 def test_a_full_file(tmp_path: Path) -> None:

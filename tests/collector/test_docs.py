@@ -67,7 +67,7 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     text = UNIT.read_text()
     for line in (
         "DynamicUser=yes",
-        "StateDirectory=driftwarden",
+        "StateDirectory=driftwarden-collector",
         "ProtectSystem=strict",
         "NoNewPrivileges=yes",
         "RestartPreventExitStatus=78",
@@ -81,3 +81,15 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip() == "", done.stderr
+
+
+def test_collector_and_agent_units_never_share_a_state_directory() -> None:
+    def state_directories(unit: Path) -> set[str]:
+        lines = unit.read_text().splitlines()
+        return {
+            v for line in lines if line.startswith("StateDirectory=") for v in line[15:].split()
+        }
+
+    agent = state_directories(UNIT.with_name("driftwarden-agent.service"))
+    collector = state_directories(UNIT)
+    assert agent and collector and not agent & collector, (agent, collector)

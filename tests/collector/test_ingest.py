@@ -86,21 +86,6 @@ def test_enroll_refuses_forged_and_malformed(client: TestClient, enroll_token: s
     assert details == {}
 
 
-def test_new_key_for_known_host_is_suspect_and_restarts_the_chain(
-    client: TestClient, store: SqlStore, host: SimHost, enroll_token: str
-) -> None:
-    send(client, host, host.agent_start(), host.heartbeat())
-    old_key = store.host(host.host_id).key_id  # type: ignore[union-attr]
-    host.new_key()
-    answer = client.post("/v1/enroll", json=host.enrollment(enroll_token))
-    assert answer.status_code == 201
-    assert answer.json()["last_seq"] == 0
-    stored = store.host(host.host_id)
-    assert stored is not None and stored.state is HostState.SUSPECT
-    assert stored.state_cause == "key_changed" and stored.key_id != old_key
-    assert send(client, host, host.heartbeat()).json()["last_seq"] == 1
-
-
 # --- reports -----------------------------------------------------------------------------
 
 
