@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import os
 import select
 import signal
@@ -156,6 +158,15 @@ def _once_exit_code(check: bootcheck.BootCheck, *, baseline_configured: bool) ->
     return EXIT_DRIFT if check.body is not None and not check.clean else EXIT_OK
 
 
+def _release_memory() -> None:
+    """Give what the boot check used back to the system: collect, then trim the C heap
+    (glibc's ``malloc_trim``; elsewhere, collecting is all there is)."""
+    gc.collect()
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def _now() -> str:
     from agent.wire import utc_now
 
@@ -243,26 +254,31 @@ class Daemon:
             self.reporter.report("boot", check.body)
         for finding in check.integrity:
             self.reporter.report("finding", {"source": "integrity", "findings": [finding]})
-        if not self.once:
-            self._sources = self._make_sources(check)
-            self._watchers = Watchers(self.config, check, self._outbox, first_boot=first_boot)
-            self._watchers.start()
-        identity.mark_first_boot(state_dir, self.identity)
+        if self.once:
+            self._ready(previous_stop, first_boot, clean=check.clean)
+            self._heartbeat()
+            self.shutdown("shutdown")
+            return _once_exit_code(check, baseline_configured=agent.baseline is not None)
+        clean = check.clean
+        self._sources = self._make_sources(check)
+        self._watchers = Watchers(self.config, check, self._outbox, first_boot=first_boot)
+        del check  # the loaded baseline goes; the judge keeps it compacted
+        _release_memory()  # before the watchers start, so nothing of theirs pins the check's
+        self._watchers.start()
+        self._ready(previous_stop, first_boot, clean=clean)
+        self._loop()
+        return EXIT_OK
+
+    def _ready(self, previous_stop: str, first_boot: bool, *, clean: bool) -> None:
+        identity.mark_first_boot(self.config.agent.state_dir, self.identity)
         log.info(
             "agent_started",
             previous_stop=previous_stop,
             first_boot=first_boot,
-            clean=check.clean,
-            spool_depth=spool.health().depth,
+            clean=clean,
+            spool_depth=self.reporter.spool.health().depth,
         )
         self._notifier.ready(status="guarding")
-        if self.once:
-            self._heartbeat()
-            self.shutdown("shutdown")
-            return _once_exit_code(check, baseline_configured=agent.baseline is not None)
-        del check  # the baseline lives on in the judge only
-        self._loop()
-        return EXIT_OK
 
     def _boot_check(self, first_boot: bool) -> bootcheck.BootCheck:
         """The boot check; whatever goes wrong is reported, and the agent keeps running."""

@@ -77,9 +77,9 @@ MASK: Final = (
 _DIRENT: Final = FAN_CREATE | FAN_DELETE | FAN_MOVED_FROM | FAN_MOVED_TO
 _META: Final = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
 _INFO: Final = struct.Struct("=BBH")  # info_type, pad, len
-_FSID: Final = struct.Struct("=ii")
+_FSID: Final = struct.Struct("=II")
 _HANDLE: Final = struct.Struct("=Ii")  # handle_bytes, handle_type
-_MASK64: Final = (1 << 64) - 1
+_MASK32: Final = (1 << 32) - 1
 _READ_BYTES: Final = 256 << 10
 _CMDLINE_CHARS: Final = 4096
 _PROCESS_TTL_S: Final = 1.0
@@ -136,8 +136,9 @@ def available() -> tuple[bool, str]:
 
 
 def fsid_key(val0: int, val1: int) -> int:
-    """The file system id as ``os.statvfs().f_fsid`` shows it (glibc's packing)."""
-    return ((val0 & _MASK64) | ((val1 & _MASK64) << 32)) & _MASK64
+    """The file system id as ``os.statvfs().f_fsid`` shows it: the two 32-bit words of
+    ``__kernel_fsid_t``, unsigned, the second above the first."""
+    return (val0 & _MASK32) | ((val1 & _MASK32) << 32)
 
 
 # --- which process ---------------------------------------------------------------------------

@@ -30,10 +30,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
+from agent.compare import Finding
 from agent.errors import advice
 from agent.judge import Judge
 from agent.measure import measure_path
@@ -251,8 +252,8 @@ class RollingRehash:
         self._round_bytes = 0
         self._files = 0
 
-    def start_round(self) -> None:
-        paths, total = [], 0
+    def _hashed(self) -> Iterator[tuple[str, int]]:
+        """(path, size) of every file the baseline hashed and the policy wants hashed."""
         policy = self.judge.policy
         for entry in self.judge.baseline:
             if (
@@ -260,8 +261,16 @@ class RollingRehash:
                 and entry.digest is not None
                 and policy.wants_content(entry.path)
             ):
-                paths.append(entry.path)
-                total += entry.size
+                yield entry.path, entry.size
+
+    def start_round(self, interrupt: threading.Event) -> bool:
+        """Size up a round and start it; False when ``interrupt`` was set first. The paths
+        are not held: the round reads the baseline again as it goes."""
+        files = total = 0
+        for files, (_path, size) in enumerate(self._hashed(), 1):
+            total += size
+            if not files % 4096 and interrupt.is_set():
+                return False
         budget = self.config.io_budget_mb_s * MB
         pace = total / self.config.full_rehash_period_s
         if pace > budget:
@@ -272,11 +281,12 @@ class RollingRehash:
                 io_budget_mb_s=self.config.io_budget_mb_s,
             )
         self.budget.rate = max(min(budget, pace), 1.0)
-        self._todo = iter(paths)
+        self._todo = (path for path, _size in self._hashed())
         self._round_started = time.monotonic()
         self._round_bytes = total
-        self._files = len(paths)
-        log.info("full_rehash_started", files=len(paths), bytes=total, rate_b_s=self.budget.rate)
+        self._files = files
+        log.info("full_rehash_started", files=files, bytes=total, rate_b_s=self.budget.rate)
+        return True
 
     def next_path(self) -> str | None:
         return next(self._todo, None)
@@ -290,23 +300,23 @@ class RollingRehash:
             seconds=round(time.monotonic() - self._round_started, 3),
         )
 
-    def check(self, path: str, interrupt: threading.Event) -> Any:
-        """Re-hash one file and judge it: a finding, None, or ``False`` when interrupted
-        (the file is to be tried again)."""
+    def check(self, path: str, interrupt: threading.Event) -> list[Finding] | None:
+        """Re-hash one file and judge it: the findings (the judge has recorded them as
+        reported, so they must be sent), or None when interrupted (try the file again)."""
         judge = self.judge
         full = judge.host_path(path)
         try:
             hashed = hash_budgeted(full, self.budget, interrupt, self.config.chunk_bytes)
             entry = measure_path(judge.root, path, judge.policy, hash_content=False)
         except FileNotFoundError:
-            return judge.check_entry(path, None)
+            return _listed(judge.check_entry(path, None))
         except OSError as exc:
             if exc.errno == errno.ELOOP:  # a symlink now: the metadata says so
                 return judge.check_path(path)
             log.warning("rehash_failed", path=display_path(path), error=advice(exc))
-            return None
+            return []
         if hashed is None:
-            return False if interrupt.is_set() else judge.check_path(path)
+            return None if interrupt.is_set() else judge.check_path(path)
         digest, st = hashed
         if entry is None or (entry.ino, entry.size, entry.mtime_ns, entry.ctime_ns) != (
             st.st_ino,
@@ -315,7 +325,11 @@ class RollingRehash:
             st.st_ctime_ns,
         ):
             return judge.check_path(path)  # changed meanwhile: measure it the usual way
-        return judge.check_entry(path, replace(entry, digest=digest))
+        return _listed(judge.check_entry(path, replace(entry, digest=digest)))
+
+
+def _listed(finding: Finding | None) -> list[Finding]:
+    return [finding] if finding is not None else []
 
 
 # --- the rescanner ---------------------------------------------------------------------------
@@ -406,14 +420,15 @@ class Rescanner(Worker):
                 self._round_begin()
                 continue
             if pending is not None:
-                if self._rehash_one(pending) is not False:
+                if self._rehash_one(pending):
                     pending = None
                 continue
             wake_at = next_pass if self._round_open else min(next_pass, next_round)
             self._wakeup.wait(max(0.0, wake_at - self._clock()))
 
     def _round_begin(self) -> None:
-        self.rehash.start_round()
+        if not self.rehash.start_round(self._wakeup):
+            return  # asked for a pass, or to stop: the round starts after that
         self._round_open = True
         self._round_began = self._clock()
 
@@ -422,15 +437,18 @@ class Rescanner(Worker):
         self.last_full_rehash = utc_now()
         self._round_open = False
 
-    def _rehash_one(self, path: str) -> Any:
+    def _rehash_one(self, path: str) -> bool:
+        """Re-hash ``path`` and send what it found; False when interrupted."""
         try:
-            result = self.rehash.check(path, self._wakeup)
+            found = self.rehash.check(path, self._wakeup)
         except Exception:  # one odd file must not end the re-hash
             log.exception("rehash_failed", path=display_path(path))
-            return None
-        if result:
-            self.emit("rescan", [result.to_wire()])
-        return result
+            return True
+        if found is None:
+            return False
+        if found:
+            self.emit("rescan", [f.to_wire() for f in found])
+        return True
 
     def metadata_pass(self, reason: str) -> None:
         """Walk every root now; report what differs (``rescan``) or that it failed."""

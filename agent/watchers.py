@@ -97,7 +97,7 @@ class Watchers:
             policy = check.policy.excluding(result.own)
             self.judge = Judge(
                 config.agent.root,
-                result.baseline,
+                result.baseline.compact(),  # the loaded one is freed after the boot check
                 policy,
                 first_boot=self.first_boot,
             )

@@ -541,7 +541,12 @@ def test_a_change_while_running_arrives_as_a_signed_realtime_finding(
         fh.write("a line\n")
     writer = subprocess.Popen(["sh", "-c", f"echo 'mallory:x:0:0::/:/bin/sh' >> {root}/etc/passwd"])
     assert writer.wait(10) == 0
-    receiver.wait_for(lambda rx: any(f["path"] == "/etc/passwd" for f in _findings(rx, "realtime")))
+    try:
+        receiver.wait_for(
+            lambda rx: any(f["path"] == "/etc/passwd" for f in _findings(rx, "realtime"))
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"no realtime finding; agent log:\n{runner.log(0)}") from exc
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0, runner.log(0)
 

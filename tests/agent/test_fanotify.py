@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent import fanotify
-from agent.fanotify import describe_process, parse_events
+from agent.fanotify import describe_process, fsid_key, parse_events
 from tests.agent.test_guard import Guarded, guarding, overflowed
 
 pytestmark = pytest.mark.root
@@ -107,3 +108,41 @@ def test_parse_events_stops_at_a_truncated_event() -> None:
     # one event header claiming more bytes than were read: nothing is made up
     header = fanotify._META.pack(64, fanotify.METADATA_VERSION, 0, 24, fanotify.FAN_CREATE, -1, 1)
     assert list(parse_events(header)) == []
+
+
+@pytest.fixture
+def ext4_with_high_fsid(tmp_path: Path) -> Iterator[Path]:
+    """A loop-mounted ext4 whose first fsid word has its top bit set (ext4's fsid is the
+    XOR of its UUID's halves; about half of all file systems have such a word)."""
+    if shutil.which("mkfs.ext4") is None:
+        pytest.skip("mkfs.ext4 is missing")
+    image = tmp_path / "fs.img"
+    with image.open("wb") as fh:
+        fh.truncate(32 << 20)
+    uuid = "21436587-7856-3412-0000-000000000000"  # fsid 0x12345678_87654321
+    subprocess.run(["mkfs.ext4", "-q", "-U", uuid, str(image)], check=True, capture_output=True)
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-o", "loop", str(image), str(mount)], check=False, capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot loop-mount here: {mounted.stderr!r}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_events_on_a_file_system_whose_fsid_word_has_its_top_bit_set(
+    ext4_with_high_fsid: Path,
+) -> None:
+    usable, why = fanotify.available()
+    if not usable:
+        pytest.skip(why)
+    assert os.statvfs(ext4_with_high_fsid).f_fsid == fsid_key(0x87654321, 0x12345678)
+    with guarding(ext4_with_high_fsid, "fanotify") as g:
+        assert g.guard.health().backend == "fanotify"
+        (g.root / "etc/app.conf").write_text("listen = 6666\n")
+        finding = g.found.file("/etc/app.conf", "modified")
+        assert finding["process"]["pid"] == os.getpid()

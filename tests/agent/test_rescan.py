@@ -85,6 +85,23 @@ def test_rolling_rehash_finds_content_changed_with_size_and_mtime_kept(tmp_path:
     assert rescanner.passes == 0  # found by the re-hash, not by a metadata pass
 
 
+def test_rolling_rehash_reports_a_file_that_became_a_symlink(tmp_path: Path) -> None:
+    """The re-hash cannot read it (ELOOP) and measures it the usual way: what that finds is
+    sent, and the re-hash goes on (it once failed on the list this returns)."""
+    img = image(tmp_path)
+    tool = img.root / "usr/bin/tool"
+    tool.unlink()
+    tool.symlink_to("/bin/sh")
+    config = RescanConfig(metadata_interval_s=3600, full_rehash_period_s=0.01, io_budget_mb_s=50)
+    with rescanning(img, config) as (rescanner, found):
+        source, f = found.wait_for(lambda s, f: f.get("path") == "/usr/bin/tool")
+        wait_until(lambda: rescanner.health().last_full_rehash is not None, what="one round")
+        assert rescanner.running
+    assert source == "rescan" and "type" in f["fields"] and f["after"]["t"] == "l"
+    assert not [f for s, f in found.items if s == "integrity"]
+    assert rescanner.passes == 0
+
+
 def test_rehash_keeps_to_the_io_budget(tmp_path: Path) -> None:
     img = image(tmp_path)
     for index in range(3):
