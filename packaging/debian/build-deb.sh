@@ -30,6 +30,12 @@ grep -rlI --null "$stage" "$venv/bin" | xargs -0 -r sed -i "s|$stage||g"
 find "$venv" -name '__pycache__' -prune -exec rm -rf {} +
 
 install -D -m 0644 "$repo/systemd/$unit" "$stage/lib/systemd/system/$unit"
+if [ "$component" = agent ]; then
+  # Not enabled by default: copy it into /etc/systemd/system/driftwarden-agent.service.d/
+  # to let the agent use fanotify (docs/agent.md).
+  install -D -m 0644 "$repo/systemd/driftwarden-agent-fanotify.conf" \
+    "$stage/usr/share/driftwarden/systemd/driftwarden-agent-fanotify.conf"
+fi
 install -d -m 0755 "$stage/etc/driftwarden" "$stage/usr/share/driftwarden/policies"
 install -m 0644 "$repo"/policies/*.toml "$stage/usr/share/driftwarden/policies/"
 conffiles=()
