@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent import keys
+from agent import keys, logs
 from agent.compare import Finding, PackageFinding, compare_packages, compare_tree
 from agent.errors import EXIT_DRIFT, EXIT_OK, AgentError, PolicyError
 from agent.manifest import Baseline, ManifestWriter, load_baseline, read_head
@@ -28,7 +27,7 @@ from agent.wire import display_path
 CHECK_FORMAT: Final = "driftwarden-check"
 CHECK_VERSION: Final = 1
 
-log = structlog.get_logger()
+log = logs.get_logger()
 
 
 def _root_dir(root: Path) -> Path:

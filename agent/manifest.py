@@ -21,7 +21,6 @@ import tomllib
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final
@@ -53,6 +52,8 @@ _FLUSH_LINES: Final = 2048
 
 
 def tool_version() -> str:
+    from importlib import metadata  # bake only: it costs a check more than it is worth
+
     try:
         return "driftwarden " + metadata.version("driftwarden")
     except metadata.PackageNotFoundError:
