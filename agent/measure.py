@@ -16,6 +16,7 @@ yields no entry at all.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -41,6 +42,7 @@ TYPES: Final = {
 _ATTEMPTS: Final = 3
 _CHUNK_BYTES: Final = 1 << 20
 _INLINE_BYTES: Final = 256 << 10  # smaller files are read in one call
+AHEAD_FILE_BYTES: Final = 4 << 20
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _NOATIME: Final = getattr(os, "O_NOATIME", 0)
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
@@ -118,12 +120,21 @@ def measure_path(
 
 
 def measure_stat(
-    full: str, path: str, st: os.stat_result, policy: Policy, *, hash_content: bool
+    full: str,
+    path: str,
+    st: os.stat_result,
+    policy: Policy,
+    *,
+    hash_content: bool,
+    opened: int | None = None,
 ) -> Entry | None:
     """Measure the path that ``lstat`` showed as ``st`` (``full`` on this machine, ``path``
-    inside the image); None if it vanished meanwhile."""
+    inside the image); None if it vanished meanwhile. ``opened``: the file, already opened by
+    ``open_ahead`` for this measurement (it is closed here, used or not)."""
     if stat.S_ISREG(st.st_mode) and hash_content and policy.wants_content(path):
-        return _hashed_entry(full, path, st, policy.max_file_size_bytes)
+        return _hashed_entry(full, path, st, policy.max_file_size_bytes, opened)
+    if opened is not None:
+        os.close(opened)
     if stat.S_ISDIR(st.st_mode) and not _listable(full):
         return stat_entry(full, path, st, None, "unreadable")  # its contents cannot be seen
     return stat_entry(full, path, st, None, "ok")
@@ -139,20 +150,25 @@ def _listable(directory: str) -> bool:
     return True
 
 
-def _hashed_entry(full: str, path: str, st: os.stat_result, cap: int) -> Entry | None:
+def _hashed_entry(
+    full: str, path: str, st: os.stat_result, cap: int, opened: int | None
+) -> Entry | None:
     for _attempt in range(_ATTEMPTS):
         if not stat.S_ISREG(st.st_mode):
             return stat_entry(full, path, st, None, "ok")
         if cap and st.st_size > cap:
+            if opened is not None:
+                os.close(opened)
             return stat_entry(full, path, st, None, "too_large")
         try:
-            digest = _hash_stable(full, st)
+            digest = _hash_stable(full, st, opened)
         except OSError as exc:
             if exc.errno in _GONE:
                 return None
             if exc.errno != errno.ELOOP:  # ELOOP: replaced by a symlink; look again
                 return stat_entry(full, path, st, None, "unreadable")
             digest = None
+        opened = None  # used (and closed) by the first attempt; the next ones open again
         if digest is not None:
             return stat_entry(full, path, st, digest, "ok")
         try:
@@ -164,6 +180,22 @@ def _hashed_entry(full: str, path: str, st: os.stat_result, cap: int) -> Entry |
     return stat_entry(full, path, st, None, "unstable")
 
 
+def open_ahead(full: str, size: int) -> int | None:
+    """Open the regular file ``full`` (as measuring does: no symlink followed, never
+    blocking) and ask the kernel to start reading it (``POSIX_FADV_WILLNEED``, at most
+    ``AHEAD_FILE_BYTES`` of it: the kernel's own readahead follows the reads of the rest), so
+    that a walk keeps the disk busy with the files it will hash next. None if it cannot be
+    opened now: measuring it opens it again and records why."""
+    try:
+        fd = _open(full)
+    except OSError:
+        return None
+    # OSError: not a regular file any more (the measurement sees it), or no page cache
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, min(size, AHEAD_FILE_BYTES), os.POSIX_FADV_WILLNEED)
+    return fd
+
+
 def _open(full: str) -> int:
     if _NOATIME:
         try:
@@ -173,10 +205,12 @@ def _open(full: str) -> int:
     return os.open(full, _OPEN_FLAGS)
 
 
-def _hash_stable(full: str, st: os.stat_result) -> str | None:
+def _hash_stable(full: str, st: os.stat_result, fd: int | None = None) -> str | None:
     """The digest of the file ``st`` describes, or None if it is not that file any more or
-    changed while it was read (same inode, size, mtime and ctime after the read as before)."""
-    fd = _open(full)
+    changed while it was read (same inode, size, mtime and ctime after the read as before).
+    ``fd``: ``full``, opened already (closed here)."""
+    if fd is None:
+        fd = _open(full)
     try:
         if st.st_size <= _INLINE_BYTES:
             data = os.read(fd, st.st_size + 1)

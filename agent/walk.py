@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import stat
 import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import replace
@@ -32,9 +33,11 @@ from typing import Any, Final, NamedTuple, Protocol
 
 from agent import record
 from agent.measure import (
+    AHEAD_FILE_BYTES,
     Entry,
     full_path,
     measure_stat,
+    open_ahead,
     order_key,
     root_prefix,
     stat_entry,
@@ -49,6 +52,8 @@ Signature = tuple[str, int, str]
 _TOP_BUDGET: Final = 256  # the first task returns soon, so every worker has work at once
 _BUDGET: Final = 4096  # units per task: one per path, one per 64 KiB hashed
 _BATCH: Final = 256  # paths per task in the second round of ``stat`` mode
+_AHEAD_FILES: Final = 32  # paths measured this far behind the walk, their files read meanwhile
+_AHEAD_BYTES: Final = 16 << 20  # and no more bytes than this announced ahead
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
 _FMT_CODES: Final = {
     stat.S_IFREG: "f",
@@ -94,23 +99,40 @@ class _Scanner:
         self.ignore = ignore
         self.root_dev = -1
         self.links: dict[tuple[int, int], Entry] = {}
+        # Paths to measure, in order, each with its place in ``out`` and, for a file to hash,
+        # the file opened and announced to the kernel (``measure.open_ahead``).
+        self.ahead: deque[tuple[int, str, str, os.stat_result, int | None]] = deque()
+        self.ahead_bytes = 0
 
     def run(self, task: tuple[Any, ...]) -> tuple[list[Item], list[tuple[str, str]]]:
         kind = task[0]
-        out: list[Item] = []
+        out: list[Item | None] = []
         deferred: list[tuple[str, str]] = []
-        if kind == "top":
-            self._top(task[1], task[2], out, deferred)
-        elif kind == "dir":
-            _kind, path, full, measure = task
-            self._walk(path, full, measure, _BUDGET, out, deferred)
-        else:
-            for path in task[1]:
-                self._measure_path(path, out)
-        return out, deferred
+        try:
+            if kind == "top":
+                self._top(task[1], task[2], out, deferred)
+            elif kind == "dir":
+                _kind, path, full, measure = task
+                self._walk(path, full, measure, _BUDGET, out, deferred)
+            else:
+                for path in task[1]:
+                    self._measure_path(path, out)
+            while self.ahead:
+                self._settle(out)
+        finally:
+            while self.ahead:
+                opened = self.ahead.popleft()[-1]
+                if opened is not None:
+                    os.close(opened)
+            self.ahead_bytes = 0
+        return [item for item in out if item is not None], deferred  # None: vanished
 
     def _top(
-        self, tops: list[str], measure: bool, out: list[Item], deferred: list[tuple[str, str]]
+        self,
+        tops: list[str],
+        measure: bool,
+        out: list[Item | None],
+        deferred: list[tuple[str, str]],
     ) -> None:
         for top in tops:
             if self.policy.excluded(top):
@@ -132,7 +154,7 @@ class _Scanner:
         full: str,
         measure: bool,
         budget: int,
-        out: list[Item],
+        out: list[Item | None],
         deferred: list[tuple[str, str]],
     ) -> None:
         spent = 0
@@ -179,7 +201,7 @@ class _Scanner:
                 if exc.errno not in _GONE:
                     raise
 
-    def _skip_mount(self, path: str, full: str, st: os.stat_result, out: list[Item]) -> bool:
+    def _skip_mount(self, path: str, full: str, st: os.stat_result, out: list[Item | None]) -> bool:
         if st.st_dev == self.root_dev:
             return False
         if self.policy.one_filesystem or self.mounts.fstype(full) in self.policy.exclude_fstypes:
@@ -188,26 +210,55 @@ class _Scanner:
         return False
 
     def _emit(
-        self, path: str, full: str, st: os.stat_result, measure: bool, out: list[Item]
+        self, path: str, full: str, st: os.stat_result, measure: bool, out: list[Item | None]
     ) -> int:
-        """Measure (or just sign) one path into ``out``; return the work units it cost."""
+        """Measure (or just sign) one path into ``out``; return the work units it cost.
+
+        A measured path takes its place in ``out`` now and is measured a few files later
+        (``_settle``), so that the files ahead of it are being read from disk meanwhile."""
         mode = st.st_mode
-        is_dir = stat.S_ISDIR(mode)
         if not measure:
             code = _FMT_CODES.get(stat.S_IFMT(mode), "?")
             hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            out.append(("S", path, (code, st.st_size, hints), is_dir))
+            out.append(("S", path, (code, st.st_size, hints), stat.S_ISDIR(mode)))
             return 1
+        opened = None
+        size = st.st_size
+        if stat.S_ISREG(mode) and self._will_read(path, size, st):
+            opened = open_ahead(full, size)
+            if opened is not None:
+                self.ahead_bytes += min(size, AHEAD_FILE_BYTES)
+        out.append(None)  # its place, filled in by _settle
+        self.ahead.append((len(out) - 1, path, full, st, opened))
+        while len(self.ahead) > _AHEAD_FILES or self.ahead_bytes > _AHEAD_BYTES:
+            self._settle(out)
+        return 1 + (size >> 16 if opened is not None else 0)
+
+    def _will_read(self, path: str, size: int, st: os.stat_result) -> bool:
+        """Whether measuring this regular file reads its content (not another name of a file
+        read already)."""
+        cap = self.policy.max_file_size_bytes
+        if (cap and size > cap) or not self.policy.wants_content(path):
+            return False
+        return st.st_nlink < 2 or (st.st_dev, st.st_ino) not in self.links
+
+    def _settle(self, out: list[Item | None]) -> None:
+        """Measure the oldest path of ``ahead`` into its place in ``out``."""
+        index, path, full, st, opened = self.ahead.popleft()
+        if opened is not None:
+            self.ahead_bytes -= min(st.st_size, AHEAD_FILE_BYTES)
+        is_dir = stat.S_ISDIR(st.st_mode)
         link = (st.st_dev, st.st_ino) if st.st_nlink > 1 and not is_dir else None
         entry = self._linked(path, full, st, link) if link else None
         if entry is None:
-            entry = measure_stat(full, path, st, self.policy, hash_content=True)
+            entry = measure_stat(full, path, st, self.policy, hash_content=True, opened=opened)
             if entry is None:
-                return 1
+                return  # vanished: its place stays empty
             if link:
                 self.links[link] = entry
-        out.append(("E", path, record.to_line(entry), entry.type == "dir", link))
-        return 1 + (st.st_size >> 16 if entry.digest else 0)
+        elif opened is not None:
+            os.close(opened)
+        out[index] = ("E", path, record.to_line(entry), entry.type == "dir", link)
 
     def _linked(
         self, path: str, full: str, st: os.stat_result, link: tuple[int, int]
@@ -228,7 +279,7 @@ class _Scanner:
         digest = first.digest if self.policy.wants_content(path) else None
         return stat_entry(full, path, st, digest, "ok")
 
-    def _measure_path(self, path: str, out: list[Item]) -> None:
+    def _measure_path(self, path: str, out: list[Item | None]) -> None:
         full = full_path(self.root, path)
         try:
             st = os.lstat(full)
