@@ -52,6 +52,7 @@ Signature = tuple[str, int, str]
 _TOP_BUDGET: Final = 256  # the first task returns soon, so every worker has work at once
 _BUDGET: Final = 4096  # units per task: one per path, one per 64 KiB hashed
 _BATCH: Final = 256  # paths per task in the second round of ``stat`` mode
+_POLL_ITEMS: Final = 256  # items put in order between two looks at the tasks done meanwhile
 _AHEAD_FILES: Final = 32  # paths measured this far behind the walk, their files read meanwhile
 _AHEAD_BYTES: Final = 16 << 20  # and no more bytes than this announced ahead
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
@@ -337,7 +338,8 @@ class Walk:
         self._heard: set[int] = set()
         self._queue: list[tuple[bytes, str, str]] = []
         self._top: Future[tuple[list[Item], list[tuple[str, str]]]] | None = None
-        self._limit = 4 * self.workers
+        self._running = 2 * self.workers  # tasks handed out and not done
+        self._held = 16 * self.workers  # tasks handed out and not yet put in order
 
     def __enter__(self) -> Walk:
         return self
@@ -387,8 +389,13 @@ class Walk:
         self.start()
         assert self._top is not None
         stack = [iter(self._result(self._top))]
+        countdown = _POLL_ITEMS
         while stack:
             item = next(stack[-1], None)
+            countdown -= 1
+            if not countdown:
+                countdown = _POLL_ITEMS
+                self._poll()
             if item is None:
                 stack.pop()
             elif item[0] == "X":
@@ -411,6 +418,13 @@ class Walk:
         self._hear(future)
         return future.result()[0]
 
+    def _poll(self) -> None:
+        """Hand out the tasks found by the tasks done meanwhile, so that no worker waits
+        while this process is busy with the items of another."""
+        for future in list(self._futures.values()):
+            if future.done():
+                self._hear(future)
+
     def _hear(self, future: Future[tuple[list[Item], list[tuple[str, str]]]]) -> None:
         if id(future) in self._heard or future.cancelled() or future.exception() is not None:
             return
@@ -420,10 +434,12 @@ class Walk:
         self._pump()
 
     def _pump(self) -> None:
-        while self._queue and len(self._futures) < self._limit:
+        running = sum(1 for f in self._futures.values() if not f.done())
+        while self._queue and running < self._running and len(self._futures) < self._held:
             _key, path, full = heapq.heappop(self._queue)
             if path not in self._futures:
                 self._submit(path, full)
+                running += 1
 
     def _submit(self, path: str, full: str) -> None:
         if self._pool is not None:
