@@ -18,6 +18,7 @@ later names is set here, in manifest order.
 from __future__ import annotations
 
 import errno
+import functools
 import heapq
 import multiprocessing
 import os
@@ -25,7 +26,7 @@ import stat
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -52,7 +53,7 @@ Signature = tuple[str, int, str]
 _TOP_BUDGET: Final = 256  # the first task returns soon, so every worker has work at once
 _BUDGET: Final = 4096  # units per task: one per path, one per 64 KiB hashed
 _BATCH: Final = 256  # paths per task in the second round of ``stat`` mode
-_POLL_ITEMS: Final = 256  # items put in order between two looks at the tasks done meanwhile
+_TOP: Final = ""  # the key of the first task (every other task's is its directory's path)
 _AHEAD_FILES: Final = 32  # paths measured this far behind the walk, their files read meanwhile
 _AHEAD_BYTES: Final = 16 << 20  # and no more bytes than this announced ahead
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
@@ -334,10 +335,13 @@ class Walk:
             self.root, policy, mounts if mounts is not None else MountTable.from_proc(), ignore
         )
         self._pool: ProcessPoolExecutor | None = None
+        self._top: tuple[Any, ...] | None = None
+        # Shared with the pool's thread, which hands out new tasks as each one is done:
+        self._lock = threading.RLock()
         self._futures: dict[str, Future[tuple[list[Item], list[tuple[str, str]]]]] = {}
-        self._heard: set[int] = set()
+        self._heard: set[str] = set()  # tasks whose subdirectories were queued
+        self._taken: set[str] = set()  # tasks whose items were put in order
         self._queue: list[tuple[bytes, str, str]] = []
-        self._top: Future[tuple[list[Item], list[tuple[str, str]]]] | None = None
         self._running = 2 * self.workers  # tasks handed out and not done
         self._held = 16 * self.workers  # tasks handed out and not yet put in order
 
@@ -354,6 +358,9 @@ class Walk:
 
     def close(self) -> None:
         if self._pool is not None:
+            with self._lock:
+                self._queue.clear()  # nothing more is handed out (not held while shutting down)
+                self._running = 0
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
@@ -368,7 +375,7 @@ class Walk:
                 break
             except FileNotFoundError:
                 continue
-        task = ("top", tops, not self.fast)
+        self._top = ("top", tops, not self.fast)
         if self.workers > 1:
             # fork is fast, but only safe while this process has no other thread
             method = "fork" if threading.active_count() == 1 else "forkserver"
@@ -378,57 +385,43 @@ class Walk:
                 initializer=_init_worker,
                 initargs=(self._scanner,),
             )
-            self._top = self._pool.submit(_run_in_worker, task)
-        else:
-            self._top = Future()
-            self._top.set_result(self._scanner.run(task))
+            with self._lock:
+                self._launch(_TOP, self._top)
 
     # -- putting the pieces back in order -----------------------------------------------------
 
     def _items(self) -> Iterator[Item]:
         self.start()
         assert self._top is not None
-        stack = [iter(self._result(self._top))]
-        countdown = _POLL_ITEMS
+        stack = [iter(self._take(_TOP, self._top))]
         while stack:
             item = next(stack[-1], None)
-            countdown -= 1
-            if not countdown:
-                countdown = _POLL_ITEMS
-                self._poll()
             if item is None:
                 stack.pop()
             elif item[0] == "X":
-                stack.append(iter(self._take(item[1], item[2])))
+                stack.append(iter(self._take(item[1], ("dir", item[1], item[2], not self.fast))))
             elif item[0] == "M":
                 self.skipped.append(item[1])
             else:
                 yield item
 
-    def _task(self, path: str, full: str) -> tuple[Any, ...]:
-        return ("dir", path, full, not self.fast)
+    def _launch(self, key: str, task: tuple[Any, ...]) -> None:
+        """Hand ``task`` to the pool (with the lock held)."""
+        assert self._pool is not None
+        future = self._pool.submit(_run_in_worker, task)
+        self._futures[key] = future
+        future.add_done_callback(functools.partial(self._done, key))
 
-    def _result(self, future: Future[tuple[list[Item], list[tuple[str, str]]]]) -> list[Item]:
-        """Wait for ``future``, handing out newly found tasks while waiting; its items."""
-        while not future.done():
-            running = {f for f in self._futures.values() if not f.done()}
-            done, _ = wait({future, *running}, return_when=FIRST_COMPLETED)
-            for other in done:
-                self._hear(other)
-        self._hear(future)
-        return future.result()[0]
+    def _done(self, key: str, future: Future[tuple[list[Item], list[tuple[str, str]]]]) -> None:
+        """A task is done (called in the pool's thread): queue what it found, hand out more."""
+        with self._lock:
+            if self._futures.get(key) is future:
+                self._hear(key, future)
 
-    def _poll(self) -> None:
-        """Hand out the tasks found by the tasks done meanwhile, so that no worker waits
-        while this process is busy with the items of another."""
-        for future in list(self._futures.values()):
-            if future.done():
-                self._hear(future)
-
-    def _hear(self, future: Future[tuple[list[Item], list[tuple[str, str]]]]) -> None:
-        if id(future) in self._heard or future.cancelled() or future.exception() is not None:
+    def _hear(self, key: str, future: Future[tuple[list[Item], list[tuple[str, str]]]]) -> None:
+        if key in self._heard or future.cancelled() or future.exception() is not None:
             return
-        self._heard.add(id(future))
+        self._heard.add(key)
         for path, full in future.result()[1]:
             heapq.heappush(self._queue, (order_key(path), path, full))
         self._pump()
@@ -437,25 +430,26 @@ class Walk:
         running = sum(1 for f in self._futures.values() if not f.done())
         while self._queue and running < self._running and len(self._futures) < self._held:
             _key, path, full = heapq.heappop(self._queue)
-            if path not in self._futures:
-                self._submit(path, full)
+            if path not in self._futures and path not in self._taken:
+                self._launch(path, ("dir", path, full, not self.fast))
                 running += 1
 
-    def _submit(self, path: str, full: str) -> None:
-        if self._pool is not None:
-            self._futures[path] = self._pool.submit(_run_in_worker, self._task(path, full))
-
-    def _take(self, path: str, full: str) -> list[Item]:
+    def _take(self, key: str, task: tuple[Any, ...]) -> list[Item]:
+        """The items of ``task``, waiting for it (or, without workers, doing it now)."""
         if self._pool is None:
-            return self._scanner.run(self._task(path, full))[0]
-        future = self._futures.get(path)
-        if future is None:
-            self._submit(path, full)
-            future = self._futures[path]
-        items = self._result(future)
-        del self._futures[path]
-        self._heard.discard(id(future))
-        self._pump()
+            return self._scanner.run(task)[0]
+        with self._lock:
+            future = self._futures.get(key)
+            if future is None:
+                self._launch(key, task)
+                future = self._futures[key]
+        items = future.result()[0]
+        with self._lock:
+            self._hear(key, future)
+            del self._futures[key]
+            self._heard.discard(key)
+            self._taken.add(key)  # it may still be queued: never hand it out again
+            self._pump()
         return items
 
     # -- what callers see ---------------------------------------------------------------------
