@@ -75,6 +75,28 @@ class Entry:
     state: str = "ok"
 
 
+Fields = tuple[
+    str,
+    str,
+    int,
+    int,
+    int,
+    int,
+    str | None,
+    str | None,
+    str | None,
+    tuple[tuple[str, bytes], ...],
+    int,
+    int,
+    int,
+    int,
+    int,
+    str,
+]
+"""An ``Entry``'s fields in order: ``Entry(*fields)`` is the entry, ``record.fields_line``
+its record (a walk makes the line straight from the fields)."""
+
+
 def full_path(root: str, path: str) -> str:
     """``path`` inside the image as a path on this machine (``root`` without a trailing /)."""
     return root + path if path != "/" else (root or "/")
@@ -131,13 +153,27 @@ def measure_stat(
     """Measure the path that ``lstat`` showed as ``st`` (``full`` on this machine, ``path``
     inside the image); None if it vanished meanwhile. ``opened``: the file, already opened by
     ``open_ahead`` for this measurement (it is closed here, used or not)."""
+    fields = measure_fields(full, path, st, policy, hash_content=hash_content, opened=opened)
+    return Entry(*fields) if fields is not None else None
+
+
+def measure_fields(
+    full: str,
+    path: str,
+    st: os.stat_result,
+    policy: Policy,
+    *,
+    hash_content: bool,
+    opened: int | None = None,
+) -> Fields | None:
+    """``measure_stat``, as the entry's fields (what a walk needs: no ``Entry`` made)."""
     if stat.S_ISREG(st.st_mode) and hash_content and policy.wants_content(path):
-        return _hashed_entry(full, path, st, policy.max_file_size_bytes, opened)
+        return _hashed(full, path, st, policy.max_file_size_bytes, opened)
     if opened is not None:
         os.close(opened)
     if stat.S_ISDIR(st.st_mode) and not _listable(full):
-        return stat_entry(full, path, st, None, "unreadable")  # its contents cannot be seen
-    return stat_entry(full, path, st, None, "ok")
+        return stat_fields(full, path, st, None, "unreadable")  # its contents cannot be seen
+    return stat_fields(full, path, st, None, "ok")
 
 
 def _listable(directory: str) -> bool:
@@ -150,34 +186,34 @@ def _listable(directory: str) -> bool:
     return True
 
 
-def _hashed_entry(
+def _hashed(
     full: str, path: str, st: os.stat_result, cap: int, opened: int | None
-) -> Entry | None:
+) -> Fields | None:
     for _attempt in range(_ATTEMPTS):
         if not stat.S_ISREG(st.st_mode):
-            return stat_entry(full, path, st, None, "ok")
+            return stat_fields(full, path, st, None, "ok")
         if cap and st.st_size > cap:
             if opened is not None:
                 os.close(opened)
-            return stat_entry(full, path, st, None, "too_large")
+            return stat_fields(full, path, st, None, "too_large")
         try:
             digest = _hash_stable(full, st, opened)
         except OSError as exc:
             if exc.errno in _GONE:
                 return None
             if exc.errno != errno.ELOOP:  # ELOOP: replaced by a symlink; look again
-                return stat_entry(full, path, st, None, "unreadable")
+                return stat_fields(full, path, st, None, "unreadable")
             digest = None
         opened = None  # used (and closed) by the first attempt; the next ones open again
         if digest is not None:
-            return stat_entry(full, path, st, digest, "ok")
+            return stat_fields(full, path, st, digest, "ok")
         try:
             st = os.lstat(full)
         except OSError as exc:
             if exc.errno in _GONE:
                 return None
-            return stat_entry(full, path, st, None, "unreadable")
-    return stat_entry(full, path, st, None, "unstable")
+            return stat_fields(full, path, st, None, "unreadable")
+    return stat_fields(full, path, st, None, "unstable")
 
 
 def open_ahead(full: str, size: int) -> int | None:
@@ -276,6 +312,14 @@ def stat_entry(
     full: str, path: str, st: os.stat_result, digest: str | None, state: str
 ) -> Entry | None:
     """Build an entry from ``st``, reading the symlink target and the xattrs."""
+    fields = stat_fields(full, path, st, digest, state)
+    return Entry(*fields) if fields is not None else None
+
+
+def stat_fields(
+    full: str, path: str, st: os.stat_result, digest: str | None, state: str
+) -> Fields | None:
+    """``stat_entry``, as the entry's fields."""
     mode = st.st_mode
     kind = TYPES.get(stat.S_IFMT(mode), "unknown")
     target = None
@@ -287,24 +331,28 @@ def stat_entry(
         if exc.errno in _GONE:
             return None
         xattrs, state, digest = (), "unreadable", None
-    is_dir = kind == "dir"
-    return Entry(
-        path=path,
-        type=kind,
-        mode=stat.S_IMODE(mode),
-        uid=st.st_uid,
-        gid=st.st_gid,
-        size=0 if is_dir else st.st_size,
-        digest=digest,
-        target=target,
-        hardlink=None,
-        xattrs=xattrs,
-        rdev=st.st_rdev if kind in ("chardev", "blockdev") else 0,
-        mtime_ns=st.st_mtime_ns,
-        ctime_ns=st.st_ctime_ns,
-        ino=st.st_ino,
-        nlink=0 if is_dir else st.st_nlink,
-        state=state,
+    if kind == "dir":
+        size = nlink = 0
+    else:
+        size, nlink = st.st_size, st.st_nlink
+    rdev = st.st_rdev if kind in ("chardev", "blockdev") else 0
+    return (
+        path,
+        kind,
+        stat.S_IMODE(mode),
+        st.st_uid,
+        st.st_gid,
+        size,
+        digest,
+        target,
+        None,  # hardlink: set by a walk
+        xattrs,
+        rdev,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+        nlink,
+        state,
     )
 
 

@@ -37,6 +37,7 @@ from agent.measure import (
     AHEAD_FILE_BYTES,
     Entry,
     full_path,
+    measure_fields,
     measure_stat,
     open_ahead,
     order_key,
@@ -250,14 +251,18 @@ class _Scanner:
         if opened is not None:
             self.ahead_bytes -= min(st.st_size, AHEAD_FILE_BYTES)
         is_dir = stat.S_ISDIR(st.st_mode)
-        link = (st.st_dev, st.st_ino) if st.st_nlink > 1 and not is_dir else None
-        entry = self._linked(path, full, st, link) if link else None
+        if st.st_nlink < 2 or is_dir:  # the common case: no Entry made, the line straight away
+            fields = measure_fields(full, path, st, self.policy, hash_content=True, opened=opened)
+            if fields is not None:  # else vanished: its place stays empty
+                out[index] = ("E", path, record.fields_line(*fields), fields[1] == "dir", None)
+            return
+        link = (st.st_dev, st.st_ino)
+        entry = self._linked(path, full, st, link)
         if entry is None:
             entry = measure_stat(full, path, st, self.policy, hash_content=True, opened=opened)
             if entry is None:
-                return  # vanished: its place stays empty
-            if link:
-                self.links[link] = entry
+                return
+            self.links[link] = entry
         elif opened is not None:
             os.close(opened)
         out[index] = ("E", path, record.to_line(entry), entry.type == "dir", link)
