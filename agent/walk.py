@@ -54,6 +54,10 @@ Signature = tuple[str, int, str]
 _TOP_BUDGET: Final = 256  # the first task returns soon, so every worker has work at once
 _BUDGET: Final = 4096  # units per task: one per path, one per 64 KiB hashed
 _BATCH: Final = 256  # paths per task in the second round of ``stat`` mode
+# In stat mode the caller is the critical path (it reads and verifies the baseline, then puts
+# every path in order and compares it) while the workers' lstat walk has time to spare: the
+# workers yield the processor to it rather than share it.
+_STAT_NICENESS: Final = 5
 _TOP: Final = ""  # the key of the first task (every other task's is its directory's path)
 _AHEAD_FILES: Final = 32  # paths measured this far behind the walk, their files read meanwhile
 _AHEAD_BYTES: Final = 16 << 20  # and no more bytes than this announced ahead
@@ -300,9 +304,11 @@ class _Scanner:
 _worker: _Scanner | None = None
 
 
-def _init_worker(scanner: _Scanner) -> None:
+def _init_worker(scanner: _Scanner, niceness: int) -> None:
     global _worker  # noqa: PLW0603 (one scanner per worker process, set once at its start)
     _worker = scanner
+    if niceness:
+        os.nice(niceness)
 
 
 def _run_in_worker(task: tuple[Any, ...]) -> tuple[list[Item], list[tuple[str, str]]]:
@@ -388,7 +394,7 @@ class Walk:
                 self.workers,
                 mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
-                initargs=(self._scanner,),
+                initargs=(self._scanner, _STAT_NICENESS if self.fast else 0),
             )
             with self._lock:
                 self._launch(_TOP, self._top)
