@@ -52,6 +52,7 @@ from agent.wire import (
 # most of each record, hardly compress); only the statement line ever leaves the host.
 COMPRESS_LEVEL: Final = 0
 _FLUSH_LINES: Final = 2048
+_TYPE_KEYS: Final = {code: f',"t":"{code}"' for code in record.TYPE_NAMES}
 
 
 def tool_version() -> str:
@@ -288,9 +289,9 @@ class Baseline:
         ctime, inode): the fast path, where its content is not read again."""
         code, size, hints = signature
         line = self._lines.get(path)
-        if line is None or not line.endswith(hints):
+        if line is None or not line.endswith(hints) or ',"st":' in line:
             return False
-        if f',"t":"{code}"' not in line or ',"st":' in line:
+        if _TYPE_KEYS.get(code, "?") not in line:
             return False
         if code == "d":
             return True

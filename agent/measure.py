@@ -138,22 +138,7 @@ def measure_path(
         if exc.errno in _GONE:
             return None
         raise
-    return measure_stat(full, path, st, policy, hash_content=hash_content)
-
-
-def measure_stat(
-    full: str,
-    path: str,
-    st: os.stat_result,
-    policy: Policy,
-    *,
-    hash_content: bool,
-    opened: int | None = None,
-) -> Entry | None:
-    """Measure the path that ``lstat`` showed as ``st`` (``full`` on this machine, ``path``
-    inside the image); None if it vanished meanwhile. ``opened``: the file, already opened by
-    ``open_ahead`` for this measurement (it is closed here, used or not)."""
-    fields = measure_fields(full, path, st, policy, hash_content=hash_content, opened=opened)
+    fields = measure_fields(full, path, st, policy, hash_content=hash_content)
     return Entry(*fields) if fields is not None else None
 
 
@@ -166,7 +151,10 @@ def measure_fields(
     hash_content: bool,
     opened: int | None = None,
 ) -> Fields | None:
-    """``measure_stat``, as the entry's fields (what a walk needs: no ``Entry`` made)."""
+    """Measure the path that ``lstat`` showed as ``st`` (``full`` on this machine, ``path``
+    inside the image): the entry's fields (``Entry(*fields)`` is the entry; a walk makes the
+    record line from them without it), or None if it vanished meanwhile. ``opened``: the file,
+    already opened by ``open_ahead`` for this measurement (it is closed here, used or not)."""
     if stat.S_ISREG(st.st_mode) and hash_content and policy.wants_content(path):
         return _hashed(full, path, st, policy.max_file_size_bytes, opened)
     if opened is not None:
@@ -308,18 +296,11 @@ def _xattrs(full: str) -> tuple[tuple[str, bytes], ...]:
     return tuple(out)
 
 
-def stat_entry(
-    full: str, path: str, st: os.stat_result, digest: str | None, state: str
-) -> Entry | None:
-    """Build an entry from ``st``, reading the symlink target and the xattrs."""
-    fields = stat_fields(full, path, st, digest, state)
-    return Entry(*fields) if fields is not None else None
-
-
 def stat_fields(
     full: str, path: str, st: os.stat_result, digest: str | None, state: str
 ) -> Fields | None:
-    """``stat_entry``, as the entry's fields."""
+    """The fields of an entry made from ``st``, reading the symlink target and the xattrs;
+    None if the path vanished."""
     mode = st.st_mode
     kind = TYPES.get(stat.S_IFMT(mode), "unknown")
     target = None

@@ -38,11 +38,10 @@ from agent.measure import (
     Entry,
     full_path,
     measure_fields,
-    measure_stat,
     open_ahead,
     order_key,
     root_prefix,
-    stat_entry,
+    stat_fields,
 )
 from agent.mounts import MountTable
 from agent.policy import Policy
@@ -263,10 +262,10 @@ class _Scanner:
         link = (st.st_dev, st.st_ino)
         entry = self._linked(path, full, st, link)
         if entry is None:
-            entry = measure_stat(full, path, st, self.policy, hash_content=True, opened=opened)
-            if entry is None:
+            fields = measure_fields(full, path, st, self.policy, hash_content=True, opened=opened)
+            if fields is None:
                 return
-            self.links[link] = entry
+            entry = self.links[link] = Entry(*fields)
         elif opened is not None:
             os.close(opened)
         out[index] = ("E", path, record.to_line(entry), entry.type == "dir", link)
@@ -288,7 +287,8 @@ class _Scanner:
         ):
             return None
         digest = first.digest if self.policy.wants_content(path) else None
-        return stat_entry(full, path, st, digest, "ok")
+        fields = stat_fields(full, path, st, digest, "ok")
+        return Entry(*fields) if fields is not None else None
 
     def _measure_path(self, path: str, out: list[Item | None]) -> None:
         full = full_path(self.root, path)
@@ -486,13 +486,18 @@ class Walk:
                 yield Same(path) if reference.same_line(path, line) else record.from_line(line)
             return
         differ: list[str] = []
-        for item in self._items():
-            self.count += 1
-            path = item[1]
-            if reference.unchanged(path, item[2]):
-                yield Same(path)
-            else:
-                differ.append(path)
+        unchanged = reference.unchanged
+        count = self.count
+        try:
+            for item in self._items():
+                count += 1
+                path = item[1]
+                if unchanged(path, item[2]):
+                    yield Same(path)
+                else:
+                    differ.append(path)
+        finally:
+            self.count = count
         self.measured = len(differ)
         yield from self._measure_paths(differ)
 
