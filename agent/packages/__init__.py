@@ -88,16 +88,21 @@ def verify_package_files(
     only: Collection[str] | None = None,
     workers: int = 0,
 ) -> list[PackageFileMismatch]:
-    """Package-owned files whose content is not the vendor's (dpkg's MD5 digests, as
-    ``debsums -a`` checks them), sorted by path. ``only`` limits the check to the packages
-    named (``name`` or ``name:arch``); ``workers`` threads hash (0: a default for this
-    machine). Databases other than dpkg's carry no digests read here: nothing is reported."""
+    """Package-owned files whose content is not the vendor's, sorted by path: dpkg's MD5
+    digests (as ``debsums -a`` checks them), rpm's file digests (the content part of ``rpm
+    -V``), apk's ``Q1`` SHA-1 checksums (as ``apk audit``). ``only`` limits the check to the
+    packages named (``name``, or dpkg's ``name:arch`` / rpm's ``name.arch``); ``workers``
+    threads hash (0: a default for this machine)."""
     manager = detect_manager(root)
-    if manager != "dpkg":
-        if manager != "none":
-            log.info("package_verify_unsupported", manager=manager)
+    if manager == "dpkg":
+        digests = dpkg_files.file_digests(root, include_conffiles=include_conffiles, only=only)
+    elif manager == "rpm":
+        db_dir = rpm.find_db(ImageRoot(root)) or rpm.DB_DIRS[-1]
+        digests = rpm.file_digests(root, db_dir, include_conffiles=include_conffiles, only=only)
+    elif manager == "apk":
+        digests = apk.file_digests(root, include_conffiles=include_conffiles, only=only)
+    else:
         return []
-    digests = dpkg_files.file_digests(root, include_conffiles=include_conffiles, only=only)
     return verify_digests(root, digests, workers=workers)
 
 

@@ -39,6 +39,7 @@ class FileDigest:
     digest: str  # lowercase hex
     conffile: bool = False
     optional: bool = False  # may be absent (dpkg was told not to unpack it)
+    link_digest: bool = False  # a symlink here is checked by the digest of its target (apk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +62,12 @@ class _Hasher:
             buf = self._local.buf = bytearray(_CHUNK_BYTES)
         return buf
 
-    def look(self, path: str, algorithms: Sequence[str]) -> _Seen:
+    def look(self, path: str, algorithms: Sequence[str], *, links: bool = False) -> _Seen:
         try:
             fd = self._image.open_regular(path)
         except NotRegularError as exc:
+            if links and exc.kind == "symlink":
+                return self._link(path, algorithms)
             return _Seen({}, "replaced", exc.kind)
         except OSError as exc:
             return _failed(exc)
@@ -80,6 +83,16 @@ class _Hasher:
         finally:
             os.close(fd)
         return _Seen({name: h.hexdigest() for name, h in zip(algorithms, hashes, strict=True)})
+
+    def _link(self, path: str, algorithms: Sequence[str]) -> _Seen:
+        """The digests of a symlink's target text (never followed)."""
+        try:
+            target = os.readlink(self._image.host(self._image.locate(path)))
+        except OSError as exc:
+            return _failed(exc)
+        raw = os.fsencode(target)
+        digests = {n: hashlib.new(n, raw, usedforsecurity=False).hexdigest() for n in algorithms}
+        return _Seen(digests)
 
 
 def _failed(exc: OSError) -> _Seen:
@@ -102,8 +115,12 @@ def verify_digests(
     paths = sorted(claims)
     hasher = _Hasher(ImageRoot(root))
 
+    def look(path: str) -> _Seen:
+        algorithms = sorted({c.algorithm for c in claims[path]})
+        return hasher.look(path, algorithms, links=any(c.link_digest for c in claims[path]))
+
     def run(batch: list[str]) -> list[tuple[str, _Seen]]:
-        return [(p, hasher.look(p, sorted({c.algorithm for c in claims[p]}))) for p in batch]
+        return [(path, look(path)) for path in batch]
 
     batches = [paths[i : i + _BATCH_FILES] for i in range(0, len(paths), _BATCH_FILES)]
     mismatches: list[PackageFileMismatch] = []

@@ -34,7 +34,7 @@ import structlog
 from collector.errors import JobFailed
 from collector.jobs import Handler
 from collector.model import Host, HostState, Job, JobSpec
-from collector.response import ledger, rails
+from collector.response import incidents, ledger, rails
 from collector.response.breakglass import ATTRIBUTED
 from collector.response.config import ResponseConfig
 from collector.response.records import HoldKind, Incident, Scope
@@ -94,7 +94,7 @@ class Alerts:
             elif action == "resolve":
                 self._resolve(tx, sink_key(payload))
             elif action == "resolve_host":
-                for incident in ledger.firing_incidents(tx, str(payload["host_id"])):
+                for incident in incidents.firing_incidents(tx, str(payload["host_id"])):
                     self._resolve(tx, incident.dedup_key)
             else:
                 raise JobFailed(f"alert action {action!r} is unknown", retryable=False)
@@ -102,7 +102,7 @@ class Alerts:
 
     def _fire(self, tx: SqlTx, payload: Mapping[str, Any]) -> None:
         key = sink_key(payload)
-        known = ledger.incident(tx, key)
+        known = incidents.incident(tx, key)
         if known is not None and known.status == "firing":
             log.info("alert_repeat", dedup_key=key)
             return
@@ -112,7 +112,7 @@ class Alerts:
         if payload.get("cause") == rails.STORM_CAUSE:
             payload = self._storm_now(tx, payload)
         alert = self._alert(tx, payload, key)
-        ledger.put_incident(
+        incidents.put_incident(
             tx,
             dedup_key=key,
             host_id=alert.host_id,
@@ -148,7 +148,7 @@ class Alerts:
             pool=host.pool,
             detail={"storm_hold": storm.hold_id, "cause": payload.get("cause")},
         )
-        incident = ledger.incident(
+        incident = incidents.incident(
             tx, sink_key({"scope": "pool", "pool": host.pool, "cause": rails.STORM_CAUSE})
         )
         if incident is not None and incident.status == "firing":
@@ -156,7 +156,7 @@ class Alerts:
             details = dict(alert.get("details") or {})
             details["hosts"] = sorted({*details.get("hosts", []), host.host_id})
             alert["details"] = details
-            ledger.put_incident(
+            incidents.put_incident(
                 tx,
                 dedup_key=incident.dedup_key,
                 host_id=None,
@@ -177,11 +177,11 @@ class Alerts:
         return payload
 
     def _resolve(self, tx: SqlTx, key: str) -> None:
-        known = ledger.incident(tx, key)
+        known = incidents.incident(tx, key)
         if known is None or known.status != "firing":
             return
         alert = Alert.from_json(known.alert).resolved(tx.now)
-        ledger.put_incident(
+        incidents.put_incident(
             tx,
             dedup_key=key,
             host_id=known.host_id,
@@ -244,7 +244,7 @@ class Alerts:
             log.warning("alert_sink_gone", sink=job.payload.get("sink"), dedup_key=key)
             return None
         with ledger.transaction(self.store) as tx:
-            incident = ledger.incident(tx, key)
+            incident = incidents.incident(tx, key)
         if incident is None:
             return None
         try:
@@ -262,7 +262,7 @@ class Alerts:
             alert = replace(alert, status="firing", ends_at=None)
         self._send(sink, alert, job)
         with ledger.transaction(self.store) as tx:
-            version = ledger.mark_sent(
+            version = incidents.mark_sent(
                 tx, key, sink.name, version=incident.version, fired=alert.status == "firing"
             )
         if unfired or version != incident.version:
@@ -322,4 +322,4 @@ def summarize(payload: Mapping[str, Any]) -> str:
 
 def incidents_of(store: Store, host_id: str) -> list[Incident]:
     with ledger.transaction(store) as tx:
-        return ledger.firing_incidents(tx, host_id)
+        return incidents.firing_incidents(tx, host_id)

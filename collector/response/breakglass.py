@@ -22,7 +22,7 @@ from typing import Any, Final
 import structlog
 
 from collector.model import Finding, Host, iso
-from collector.response import ledger
+from collector.response import ledger, sessions
 from collector.response.config import BreakglassSettings
 from collector.response.records import Session
 from collector.store import Tx
@@ -54,7 +54,7 @@ def announce(
     settings: BreakglassSettings,
 ) -> Session:
     """Expect ``login_user`` to log in to ``host`` within the login window; audit who, why."""
-    session = ledger.add_session(
+    session = sessions.add_session(
         tx,
         host_id=host.host_id,
         login_user=login_user,
@@ -82,7 +82,7 @@ def end(tx: SqlTx, session: Session, *, by: str, actor: str) -> Session:
     """Record that the session ended (once; a later end changes nothing)."""
     if session.ended_at is not None:
         return session
-    ledger.update_session(tx, session.session_id, ended_at=tx.now, ended_by=by)
+    sessions.update_session(tx, session.session_id, ended_at=tx.now, ended_by=by)
     ledger.decide(
         tx,
         "breakglass_ended",
@@ -104,7 +104,7 @@ def attribute(
     if not logins:
         return observations
     assert isinstance(tx, SqlTx)
-    waiting = ledger.sessions(tx, host.host_id, unended=True)
+    waiting = sessions.of_host(tx, host.host_id, unended=True)
     if not waiting:
         return observations
     out = list(observations)
@@ -115,7 +115,7 @@ def attribute(
             if session is None:
                 continue
             facts = {k: login.detail.get(k) for k in _LOGIN_KEEP}
-            ledger.update_session(tx, session.session_id, login_at=tx.now, login=facts)
+            sessions.update_session(tx, session.session_id, login_at=tx.now, login=facts)
             waiting = [
                 dataclasses.replace(s, login_at=tx.now, login=facts)
                 if s.session_id == session.session_id
@@ -178,7 +178,7 @@ def deferral(tx: SqlTx, host_id: str, settings: BreakglassSettings) -> Deferral 
     """Why and until when the host's replacement waits for a break-glass session, or None."""
     grace = timedelta(seconds=settings.grace_s)
     found: Deferral | None = None
-    for session in ledger.sessions(tx, host_id):
+    for session in sessions.of_host(tx, host_id):
         who = f"{session.login_user} ({session.operator}: {session.reason})"
         if session.login_at is None:
             if session.ended_at is None and tx.now <= session.expires_at:

@@ -1,4 +1,6 @@
-"""The response's tables, read and written inside the caller's transaction.
+"""The response's tables — replacements, holds, drift marks, decisions and the jobs it wakes —
+read and written inside the caller's transaction. Incidents (``incidents``) and break-glass
+sessions (``sessions``) have modules of their own.
 
 Every function takes the ``SqlTx`` of the unit of work it belongs to, so that a decision, the
 state change it causes and the jobs it queues commit together. Locking reads use ``FOR
@@ -23,20 +25,16 @@ from collector.response.records import (
     Decision,
     Hold,
     HoldKind,
-    Incident,
     Replacement,
     ReplacementState,
     Scope,
-    Session,
 )
 from collector.store import SqlStore, Store
 from collector.store.schema import (
-    breakglass,
     decisions,
     drift_marks,
     holds,
     hosts,
-    incidents,
     jobs,
     replacements,
 )
@@ -338,166 +336,6 @@ def marked_hosts(
     if fresh_only:
         query = query.where(d.fresh.is_(True))
     return sorted(tx.conn.execute(query).scalars())
-
-
-# --- incidents --------------------------------------------------------------------------------
-
-
-def _incident(row: Row[Any]) -> Incident:
-    m = row._mapping
-    return Incident(
-        dedup_key=m["dedup_key"],
-        host_id=m["host_id"],
-        pool=m["pool"],
-        cause=m["cause"],
-        status=m["status"],
-        version=m["version"],
-        alert=dict(m["alert"]),
-        sent=dict(m["sent"] or {}),
-        opened_at=m["opened_at"],
-        updated_at=m["updated_at"],
-    )
-
-
-def incident(tx: SqlTx, dedup_key: str) -> Incident | None:
-    row = tx.conn.execute(
-        select(incidents).where(incidents.c.dedup_key == dedup_key).with_for_update()
-    ).first()
-    return _incident(row) if row else None
-
-
-def firing_incidents(tx: SqlTx, host_id: str) -> list[Incident]:
-    i = incidents.c
-    query = select(incidents).where(i.host_id == host_id, i.status == "firing").with_for_update()
-    return [_incident(row) for row in tx.conn.execute(query)]
-
-
-def put_incident(
-    tx: SqlTx,
-    *,
-    dedup_key: str,
-    host_id: str | None,
-    pool: str | None,
-    cause: str,
-    status: str,
-    alert: Mapping[str, Any],
-    bump: bool = True,
-) -> int:
-    """Insert or update the incident; return its version (raised by one when ``bump``)."""
-    known = incident(tx, dedup_key)
-    if known is None:
-        tx.conn.execute(
-            incidents.insert().values(
-                dedup_key=dedup_key,
-                host_id=host_id,
-                pool=pool,
-                cause=cause,
-                status=status,
-                version=1,
-                alert=dict(alert),
-                sent={},
-                opened_at=tx.now,
-                updated_at=tx.now,
-            )
-        )
-        return 1
-    version = known.version + 1 if bump else known.version
-    tx.conn.execute(
-        update(incidents)
-        .where(incidents.c.dedup_key == dedup_key)
-        .values(status=status, version=version, alert=dict(alert), updated_at=tx.now)
-    )
-    return version
-
-
-def mark_sent(tx: SqlTx, dedup_key: str, sink: str, *, version: int, fired: bool) -> int | None:
-    """Record what ``sink`` took; return the incident's version now (None if gone)."""
-    known = incident(tx, dedup_key)
-    if known is None:
-        return None
-    before = known.sent.get(sink) or {}
-    sent = {**known.sent, sink: {"version": version, "fired": fired or bool(before.get("fired"))}}
-    tx.conn.execute(update(incidents).where(incidents.c.dedup_key == dedup_key).values(sent=sent))
-    return known.version
-
-
-def incident_version(tx: SqlTx, dedup_key: str) -> int | None:
-    version: int | None = tx.conn.execute(
-        select(incidents.c.version).where(incidents.c.dedup_key == dedup_key)
-    ).scalar()
-    return version
-
-
-# --- break-glass sessions ---------------------------------------------------------------------
-
-
-def _session(row: Row[Any]) -> Session:
-    m = row._mapping
-    return Session(
-        session_id=m["id"],
-        host_id=m["host_id"],
-        login_user=m["login_user"],
-        actor=m["actor"],
-        operator=m["operator"],
-        reason=m["reason"],
-        ticket=m["ticket"],
-        created_at=m["created_at"],
-        expires_at=m["expires_at"],
-        login_at=m["login_at"],
-        login=dict(m["login"] or {}),
-        ended_at=m["ended_at"],
-        ended_by=m["ended_by"],
-    )
-
-
-def add_session(
-    tx: SqlTx,
-    *,
-    host_id: str,
-    login_user: str,
-    actor: str,
-    operator: str,
-    reason: str,
-    ticket: str | None,
-    expires_at: datetime,
-) -> Session:
-    new_id = tx.conn.execute(
-        breakglass.insert()
-        .values(
-            host_id=host_id,
-            login_user=login_user,
-            actor=actor,
-            operator=operator,
-            reason=reason,
-            ticket=ticket,
-            created_at=tx.now,
-            expires_at=expires_at,
-            login={},
-        )
-        .returning(breakglass.c.id)
-    ).scalar_one()
-    session = session_by_id(tx, new_id)
-    assert session is not None
-    return session
-
-
-def session_by_id(tx: SqlTx, session_id: int) -> Session | None:
-    row = tx.conn.execute(
-        select(breakglass).where(breakglass.c.id == session_id).with_for_update()
-    ).first()
-    return _session(row) if row else None
-
-
-def sessions(tx: SqlTx, host_id: str, *, unended: bool = False) -> list[Session]:
-    b = breakglass.c
-    query = select(breakglass).where(b.host_id == host_id).order_by(b.id)
-    if unended:
-        query = query.where(b.ended_at.is_(None))
-    return [_session(row) for row in tx.conn.execute(query.with_for_update())]
-
-
-def update_session(tx: SqlTx, session_id: int, **values: Any) -> None:
-    tx.conn.execute(update(breakglass).where(breakglass.c.id == session_id).values(**values))
 
 
 # --- decisions --------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from collector import auth
 from collector.errors import Refused
 from collector.model import ApiToken, Host, JobSpec, Role
-from collector.response import breakglass, ledger, rails
+from collector.response import breakglass, ledger, rails, sessions
 from collector.response.records import HoldKind, ReplacementState, Scope
 from collector.response.replace import WANTS_REPLACEMENT
 from collector.services import services
@@ -60,7 +60,7 @@ def host_view(request: Request, host_id: str) -> dict[str, Any]:
         return {
             "replacement": latest.to_json() if latest else None,
             "holds": [h.to_json() for h in ledger.open_holds(tx, Scope.HOST, host_id)],
-            "breakglass": [s.to_json() for s in ledger.sessions(tx, host_id)][-5:],
+            "breakglass": [s.to_json() for s in sessions.of_host(tx, host_id)][-5:],
             "decisions": [d.to_json() for d in ledger.list_decisions(tx, host_id=host_id)][:20],
         }
 
@@ -291,7 +291,7 @@ def announce_breakglass(request: Request, host_id: str, body: Announce, token: O
 def end_breakglass(request: Request, session_id: int, token: Operator) -> Any:
     """The session is over: the host's replacement may go after the grace period."""
     with ledger.transaction(services(request).store) as tx:
-        session = ledger.session_by_id(tx, session_id)
+        session = sessions.session_by_id(tx, session_id)
         if session is None:
             raise Refused(404, "unknown_session", f"no break-glass session {session_id}")
         ended = breakglass.end(tx, session, by="client", actor=auth.actor(token))

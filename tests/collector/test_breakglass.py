@@ -24,7 +24,7 @@ from agent.logins.parse import LineParser
 from collector.api import create_app
 from collector.config import ServerConfig
 from collector.model import HostState, Role
-from collector.response import ledger
+from collector.response import incidents, ledger, sessions
 from collector.store import SqlStore
 from tests.collector.clock import Clock
 from tests.collector.fleet import Fleet, recording_action, replaced_by
@@ -151,7 +151,7 @@ def test_an_announced_session_is_attributed_and_defers_replacement(
             host = fleet.host("web-1")
             assert (host.state, host.state_cause) == (HostState.TAINTED, "attributed_login")
             with ledger.transaction(fleet.store) as tx:
-                [page] = ledger.firing_incidents(tx, "web-1")
+                [page] = incidents.firing_incidents(tx, "web-1")
             assert page.alert["severity"] == "warning"  # attributed: not an intrusion page
             assert "disk full" in page.alert["summary"]
             row = fleet.replacement("web-1")
@@ -168,7 +168,7 @@ def test_an_announced_session_is_attributed_and_defers_replacement(
         assert stdout == b"got bye\n"
 
         with ledger.transaction(fleet.store) as tx:
-            [session] = ledger.sessions(tx, "web-1")
+            [session] = sessions.of_host(tx, "web-1")
         assert (session.login_user, session.ticket, session.ended_by) == (
             sshd.user.name,
             "INC-7",
@@ -207,7 +207,7 @@ def test_a_login_nobody_announced_stays_critical(fleet: Fleet, tmp_path: Path) -
     tainted = [t for t in fleet.store.transitions("web-3") if t.to_state is HostState.TAINTED]
     assert [t.cause for t in tainted] == ["login"]
     with ledger.transaction(fleet.store) as tx:
-        [page] = ledger.firing_incidents(tx, "web-3")
+        [page] = incidents.firing_incidents(tx, "web-3")
     assert page.alert["severity"] == "critical"
     assert "unannounced SSH login by mallory" in page.alert["summary"]
     assert replaced_by(tmp_path / "replaced") == {"web-3": 1}  # not deferred
@@ -250,7 +250,7 @@ def test_an_interactive_shell_gets_a_pty(fleet: Fleet, sshd: Sshd, tmp_path: Pat
     assert session.returncode == 5, stderr
     assert b"/dev/pts/" in seen  # the remote shell had a terminal
     with ledger.transaction(fleet.store) as tx:
-        [session] = ledger.sessions(tx, "web-4")
+        [session] = sessions.of_host(tx, "web-4")
     assert session.ended_by == "client"
 
 

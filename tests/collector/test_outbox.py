@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from collector import silence
 from collector.model import JobSpec, JobState, Role
-from collector.response import ledger
+from collector.response import incidents, ledger
 from collector.store import SqlStore
 from tests.collector.alertmanager_proc import Alertmanager
 from tests.collector.clock import Clock
@@ -194,7 +194,7 @@ def test_a_repeat_never_opens_a_second_incident(
         assert len(sqlite_store.jobs(kind="deliver")) == 1
         assert events(receiver) == [("trigger", "driftwarden/web/web-1/drift")]
         with ledger.transaction(sqlite_store) as tx:
-            [incident] = ledger.firing_incidents(tx, "web-1")
+            [incident] = incidents.firing_incidents(tx, "web-1")
         assert incident.version == 1
     finally:
         fleet.close()

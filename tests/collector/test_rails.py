@@ -12,7 +12,7 @@ import pytest
 
 from collector.errors import StoreError
 from collector.model import HostState, JobState, Role
-from collector.response import ledger
+from collector.response import incidents, ledger
 from collector.response.records import HoldKind, ReplacementState, Scope
 from collector.store import SqlStore
 from tests.collector.apptest import assert_error
@@ -101,7 +101,7 @@ def test_budget_limits_replacements_in_flight_and_frees_as_hosts_go(
     assert states(fleet, drifted) == {"replaced": 10}
     assert states(fleet, hosts[10:]) == {"clean": 20}
     with ledger.transaction(store) as tx:
-        assert all(not ledger.firing_incidents(tx, h) for h in drifted)  # alerts resolved
+        assert all(not incidents.firing_incidents(tx, h) for h in drifted)  # alerts resolved
 
 
 def test_one_open_replacement_per_host_is_a_database_constraint(store: SqlStore) -> None:
@@ -134,8 +134,8 @@ def test_storm_breaker_pauses_the_pool_and_pages_once(
     blocked = fleet.replacements(state="blocked")
     assert {r.blocked_by for r in blocked} == {"storm"} and len(blocked) == 12
     with ledger.transaction(store) as tx:
-        pages = [i for h in stormy for i in ledger.firing_incidents(tx, h)]
-        pool_page = ledger.incident(tx, "driftwarden/web/*/drift_storm")
+        pages = [i for h in stormy for i in incidents.firing_incidents(tx, h)]
+        pool_page = incidents.incident(tx, "driftwarden/web/*/drift_storm")
     assert len(pages) == 4  # the hosts before the fifth paged on their own …
     assert pool_page is not None and pool_page.status == "firing"  # … then one page
     assert sorted(pool_page.alert["details"]["hosts"]) == stormy
@@ -147,7 +147,7 @@ def test_storm_breaker_pauses_the_pool_and_pages_once(
     fleet.drift(hosts[20], "/etc/hosts")
     fleet.run()
     with ledger.transaction(store) as tx:
-        assert len(ledger.firing_incidents(tx, hosts[20])) == 1
+        assert len(incidents.firing_incidents(tx, hosts[20])) == 1
     assert fleet.replacement(hosts[20]).blocked_by == "storm"
 
     # only an operator resumes it
@@ -164,7 +164,7 @@ def test_storm_breaker_pauses_the_pool_and_pages_once(
     fleet.run()
     assert sum(replaced_by(out).values()) == 10  # the budget, now
     with ledger.transaction(store) as tx:
-        resolved = ledger.incident(tx, "driftwarden/web/*/drift_storm")
+        resolved = incidents.incident(tx, "driftwarden/web/*/drift_storm")
     assert resolved is not None and resolved.status == "resolved"
     # within the cooldown, the same drift does not trip it again
     for host_id in hosts[21:27]:
@@ -216,7 +216,7 @@ def test_fresh_replacements_drifting_again_quarantine_their_image(
     assert (quarantine.scope, quarantine.target) == (Scope.IMAGE, "img-2")
     assert sorted(quarantine.detail["hosts"]) == new[:3]
     with ledger.transaction(store) as tx:
-        page = ledger.incident(tx, "driftwarden/web/*/image_quarantined")
+        page = incidents.incident(tx, "driftwarden/web/*/image_quarantined")
     assert page is not None and page.status == "firing"
     # replacing with img-2 stops: the fresh hosts and any other host of the pool wait
     fleet.drift(old[10], "/etc/motd")
@@ -317,7 +317,7 @@ def test_a_pool_without_an_action_is_alerted_not_replaced(
     fleet.run()
     assert fleet.replacement("db-1").blocked_by == "no_action"
     with ledger.transaction(store) as tx:
-        assert len(ledger.firing_incidents(tx, "db-1")) == 1  # fail open for alerts
+        assert len(incidents.firing_incidents(tx, "db-1")) == 1  # fail open for alerts
 
 
 def test_a_failed_action_is_paged_and_retried_after_release(
@@ -338,7 +338,7 @@ def test_a_failed_action_is_paged_and_retried_after_release(
         fleet.run()
         assert fleet.replacement("web-1").state is S.FAILED
         with ledger.transaction(store) as tx:
-            causes = {i.cause for i in ledger.firing_incidents(tx, "web-1")}
+            causes = {i.cause for i in incidents.firing_incidents(tx, "web-1")}
         assert causes == {"drift", "replacement_failed"}
         with fleet.client() as client:
             operator = fleet.token(Role.OPERATOR, "x")
