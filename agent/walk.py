@@ -4,7 +4,15 @@ Worker processes (forked where this process has a single thread) each take a
 *task* — the contents of one directory, walked depth first until a budget of work is spent,
 with the subdirectories left over handed back as further tasks — and return the results as
 record lines. The calling process puts the pieces back together in manifest order, so entries
-stream out in order while both cores hash; memory holds only the tasks in flight.
+stream out in order while both cores hash; memory holds only the tasks in flight. As each task
+is done (in the pool's thread) the directories it left are queued and more tasks handed out,
+up to two running per worker and sixteen per worker waiting to be put in order, so the workers
+never wait for the caller.
+
+Inside a task a measured path is measured 32 paths after the walk has seen it: meanwhile its
+file is open and its first 4 MiB announced to the kernel (``measure.open_ahead``), so the disk
+reads the files ahead while the worker hashes, and a cold cache costs little more than the
+reads themselves. The file is still checked against what ``lstat`` saw after it is read.
 
 Two modes: ``measure`` (every entry measured and hashed: bake, ``check --full``) and ``stat``
 (``lstat`` only: ``check``), where the caller compares each path's signature — type, size,
