@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent import keys
+from agent import keys, logs
 from agent.compare import Finding, PackageFinding, compare_packages, compare_tree
 from agent.errors import EXIT_DRIFT, EXIT_OK, AgentError, PolicyError
 from agent.manifest import Baseline, ManifestWriter, load_baseline, read_head
@@ -28,7 +27,7 @@ from agent.wire import display_path
 CHECK_FORMAT: Final = "driftwarden-check"
 CHECK_VERSION: Final = 1
 
-log = structlog.get_logger()
+log = logs.get_logger()
 
 
 def _root_dir(root: Path) -> Path:
@@ -63,23 +62,22 @@ def _policy_with_text(path: Path) -> tuple[Policy, str]:
 def bake_command(args: argparse.Namespace) -> int:
     root = _root_dir(args.root)
     policy, text = _policy_with_text(args.policy)
-    signer = keys.load_private(args.key) if args.key else None
-    packages = read_packages(root)
     out: Path = args.out
     started = time.monotonic()
     log.info("bake_started", root=str(root), policy=policy.name, out=str(out))
     own = {str(out.with_name(f".{out.name}{suffix}")) for suffix in (".tmp", ".entries.tmp")}
     ignore = _inside(root, out, *(Path(p) for p in own))
-    with (
-        Walk(root, policy, workers=args.workers, ignore=ignore) as walk,
-        ManifestWriter(
+    with Walk(root, policy, workers=args.workers, ignore=ignore) as walk:
+        walk.start()  # the workers walk while this process reads the key and the packages
+        signer = keys.load_private(args.key) if args.key else None
+        packages = read_packages(root)
+        with ManifestWriter(
             out, policy=policy, policy_text=text, build_id=args.build_id, signer=signer
-        ) as writer,
-    ):
-        for path, line, is_dir in walk.records():
-            writer.add_line(path, line, is_dir=is_dir)
-        writer.set_packages(packages)
-        statement = writer.finish()
+        ) as writer:
+            for path, line, is_dir in walk.records():
+                writer.add_line(path, line, is_dir=is_dir)
+            writer.set_packages(packages)
+            statement = writer.finish()
     seconds = time.monotonic() - started
     log.info("bake_finished", entries=writer.count, root_digest=statement["root"], seconds=seconds)
     signed = f"signed by {statement['key_id']}" if signer else "UNSIGNED (no --key)"

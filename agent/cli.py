@@ -11,8 +11,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import structlog
-
 from agent import logs
 from agent.errors import EXIT_ERROR, EXIT_OK, AgentError
 
@@ -122,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure("driftwarden-agent", level=args.log_level, json_lines=args.log_json)
+    logs.configure(
+        "driftwarden-agent",
+        level=args.log_level,
+        json_lines=args.log_json,
+        deferred=args.command not in ("run", "check-config"),
+    )
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -134,6 +137,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return EXIT_ERROR
     except Exception:
-        structlog.get_logger().exception("internal_error", command=args.command)
+        logs.get_logger().exception("internal_error", command=args.command)
         print("error: internal error (see the log above); please report it", file=sys.stderr)
         return EXIT_ERROR

@@ -16,6 +16,7 @@ yields no entry at all.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -41,6 +42,7 @@ TYPES: Final = {
 _ATTEMPTS: Final = 3
 _CHUNK_BYTES: Final = 1 << 20
 _INLINE_BYTES: Final = 256 << 10  # smaller files are read in one call
+AHEAD_FILE_BYTES: Final = 4 << 20
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _NOATIME: Final = getattr(os, "O_NOATIME", 0)
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
@@ -71,6 +73,28 @@ class Entry:
     ino: int
     nlink: int
     state: str = "ok"
+
+
+Fields = tuple[
+    str,
+    str,
+    int,
+    int,
+    int,
+    int,
+    str | None,
+    str | None,
+    str | None,
+    tuple[tuple[str, bytes], ...],
+    int,
+    int,
+    int,
+    int,
+    int,
+    str,
+]
+"""An ``Entry``'s fields in order: ``Entry(*fields)`` is the entry, ``record.fields_line``
+its record (a walk makes the line straight from the fields)."""
 
 
 def full_path(root: str, path: str) -> str:
@@ -114,19 +138,30 @@ def measure_path(
         if exc.errno in _GONE:
             return None
         raise
-    return measure_stat(full, path, st, policy, hash_content=hash_content)
+    fields = measure_fields(full, path, st, policy, hash_content=hash_content)
+    return Entry(*fields) if fields is not None else None
 
 
-def measure_stat(
-    full: str, path: str, st: os.stat_result, policy: Policy, *, hash_content: bool
-) -> Entry | None:
+def measure_fields(
+    full: str,
+    path: str,
+    st: os.stat_result,
+    policy: Policy,
+    *,
+    hash_content: bool,
+    opened: int | None = None,
+) -> Fields | None:
     """Measure the path that ``lstat`` showed as ``st`` (``full`` on this machine, ``path``
-    inside the image); None if it vanished meanwhile."""
+    inside the image): the entry's fields (``Entry(*fields)`` is the entry; a walk makes the
+    record line from them without it), or None if it vanished meanwhile. ``opened``: the file,
+    already opened by ``open_ahead`` for this measurement (it is closed here, used or not)."""
     if stat.S_ISREG(st.st_mode) and hash_content and policy.wants_content(path):
-        return _hashed_entry(full, path, st, policy.max_file_size_bytes)
+        return _hashed(full, path, st, policy.max_file_size_bytes, opened)
+    if opened is not None:
+        os.close(opened)
     if stat.S_ISDIR(st.st_mode) and not _listable(full):
-        return stat_entry(full, path, st, None, "unreadable")  # its contents cannot be seen
-    return stat_entry(full, path, st, None, "ok")
+        return stat_fields(full, path, st, None, "unreadable")  # its contents cannot be seen
+    return stat_fields(full, path, st, None, "ok")
 
 
 def _listable(directory: str) -> bool:
@@ -139,29 +174,50 @@ def _listable(directory: str) -> bool:
     return True
 
 
-def _hashed_entry(full: str, path: str, st: os.stat_result, cap: int) -> Entry | None:
+def _hashed(
+    full: str, path: str, st: os.stat_result, cap: int, opened: int | None
+) -> Fields | None:
     for _attempt in range(_ATTEMPTS):
         if not stat.S_ISREG(st.st_mode):
-            return stat_entry(full, path, st, None, "ok")
+            return stat_fields(full, path, st, None, "ok")
         if cap and st.st_size > cap:
-            return stat_entry(full, path, st, None, "too_large")
+            if opened is not None:
+                os.close(opened)
+            return stat_fields(full, path, st, None, "too_large")
         try:
-            digest = _hash_stable(full, st)
+            digest = _hash_stable(full, st, opened)
         except OSError as exc:
             if exc.errno in _GONE:
                 return None
             if exc.errno != errno.ELOOP:  # ELOOP: replaced by a symlink; look again
-                return stat_entry(full, path, st, None, "unreadable")
+                return stat_fields(full, path, st, None, "unreadable")
             digest = None
+        opened = None  # used (and closed) by the first attempt; the next ones open again
         if digest is not None:
-            return stat_entry(full, path, st, digest, "ok")
+            return stat_fields(full, path, st, digest, "ok")
         try:
             st = os.lstat(full)
         except OSError as exc:
             if exc.errno in _GONE:
                 return None
-            return stat_entry(full, path, st, None, "unreadable")
-    return stat_entry(full, path, st, None, "unstable")
+            return stat_fields(full, path, st, None, "unreadable")
+    return stat_fields(full, path, st, None, "unstable")
+
+
+def open_ahead(full: str, size: int) -> int | None:
+    """Open the regular file ``full`` (as measuring does: no symlink followed, never
+    blocking) and ask the kernel to start reading it (``POSIX_FADV_WILLNEED``, at most
+    ``AHEAD_FILE_BYTES`` of it: the kernel's own readahead follows the reads of the rest), so
+    that a walk keeps the disk busy with the files it will hash next. None if it cannot be
+    opened now: measuring it opens it again and records why."""
+    try:
+        fd = _open(full)
+    except OSError:
+        return None
+    # OSError: not a regular file any more (the measurement sees it), or no page cache
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, min(size, AHEAD_FILE_BYTES), os.POSIX_FADV_WILLNEED)
+    return fd
 
 
 def _open(full: str) -> int:
@@ -173,10 +229,12 @@ def _open(full: str) -> int:
     return os.open(full, _OPEN_FLAGS)
 
 
-def _hash_stable(full: str, st: os.stat_result) -> str | None:
+def _hash_stable(full: str, st: os.stat_result, fd: int | None = None) -> str | None:
     """The digest of the file ``st`` describes, or None if it is not that file any more or
-    changed while it was read (same inode, size, mtime and ctime after the read as before)."""
-    fd = _open(full)
+    changed while it was read (same inode, size, mtime and ctime after the read as before).
+    ``fd``: ``full``, opened already (closed here)."""
+    if fd is None:
+        fd = _open(full)
     try:
         if st.st_size <= _INLINE_BYTES:
             data = os.read(fd, st.st_size + 1)
@@ -238,10 +296,11 @@ def _xattrs(full: str) -> tuple[tuple[str, bytes], ...]:
     return tuple(out)
 
 
-def stat_entry(
+def stat_fields(
     full: str, path: str, st: os.stat_result, digest: str | None, state: str
-) -> Entry | None:
-    """Build an entry from ``st``, reading the symlink target and the xattrs."""
+) -> Fields | None:
+    """The fields of an entry made from ``st``, reading the symlink target and the xattrs;
+    None if the path vanished."""
     mode = st.st_mode
     kind = TYPES.get(stat.S_IFMT(mode), "unknown")
     target = None
@@ -253,24 +312,28 @@ def stat_entry(
         if exc.errno in _GONE:
             return None
         xattrs, state, digest = (), "unreadable", None
-    is_dir = kind == "dir"
-    return Entry(
-        path=path,
-        type=kind,
-        mode=stat.S_IMODE(mode),
-        uid=st.st_uid,
-        gid=st.st_gid,
-        size=0 if is_dir else st.st_size,
-        digest=digest,
-        target=target,
-        hardlink=None,
-        xattrs=xattrs,
-        rdev=st.st_rdev if kind in ("chardev", "blockdev") else 0,
-        mtime_ns=st.st_mtime_ns,
-        ctime_ns=st.st_ctime_ns,
-        ino=st.st_ino,
-        nlink=0 if is_dir else st.st_nlink,
-        state=state,
+    if kind == "dir":
+        size = nlink = 0
+    else:
+        size, nlink = st.st_size, st.st_nlink
+    rdev = st.st_rdev if kind in ("chardev", "blockdev") else 0
+    return (
+        path,
+        kind,
+        stat.S_IMODE(mode),
+        st.st_uid,
+        st.st_gid,
+        size,
+        digest,
+        target,
+        None,  # hardlink: set by a walk
+        xattrs,
+        rdev,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+        nlink,
+        state,
     )
 
 

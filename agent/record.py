@@ -51,32 +51,75 @@ def _default_nlink(kind: str) -> int:
 
 def to_line(entry: Entry) -> str:
     """The record of ``entry`` as one line of JSON, without the newline."""
-    out = ['{"p":', _jstr(encode_path(entry.path)), ',"t":"', TYPE_CODES[entry.type], '","m":"']
-    out.append(format(entry.mode, "o"))
-    out.append('"')
-    if entry.uid:
-        out.append(f',"u":{entry.uid}')
-    if entry.gid:
-        out.append(f',"g":{entry.gid}')
-    if entry.size:
-        out.append(f',"s":{entry.size}')
-    if entry.nlink != _default_nlink(entry.type):
-        out.append(f',"n":{entry.nlink}')
-    if entry.digest is not None:
-        out.append(f',"h":"{entry.digest}"')
-    if entry.target is not None:
-        out.append(',"l":' + _jstr(encode_text(entry.target)))
-    if entry.hardlink is not None:
-        out.append(',"k":' + _jstr(encode_path(entry.hardlink)))
-    if entry.xattrs:
-        pairs = ",".join(_jstr(encode_text(k)) + ':"' + b64(v) + '"' for k, v in entry.xattrs)
-        out.append(',"x":{' + pairs + "}")
-    if entry.rdev:
-        out.append(f',"r":{entry.rdev}')
-    if entry.state != "ok":
-        out.append(f',"st":"{entry.state}"')
-    out.append(f"{HINTS_MARK}[{entry.mtime_ns},{entry.ctime_ns},{entry.ino}]}}")
-    return "".join(out)
+    e = entry
+    return fields_line(
+        e.path,
+        e.type,
+        e.mode,
+        e.uid,
+        e.gid,
+        e.size,
+        e.digest,
+        e.target,
+        e.hardlink,
+        e.xattrs,
+        e.rdev,
+        e.mtime_ns,
+        e.ctime_ns,
+        e.ino,
+        e.nlink,
+        e.state,
+    )
+
+
+def fields_line(
+    path: str,
+    kind: str,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    digest: str | None,
+    target: str | None,
+    hardlink: str | None,
+    xattrs: tuple[tuple[str, bytes], ...],
+    rdev: int,
+    mtime_ns: int,
+    ctime_ns: int,
+    ino: int,
+    nlink: int,
+    state: str,
+) -> str:
+    """The record of the entry with these fields (``measure.Fields``)."""
+    line = (
+        '{"p":'
+        + _jstr(path if path.isascii() else encode_path(path))
+        + ',"t":"'
+        + TYPE_CODES[kind]
+        + f'","m":"{mode:o}"'
+    )
+    if uid:
+        line += f',"u":{uid}'
+    if gid:
+        line += f',"g":{gid}'
+    if size:
+        line += f',"s":{size}'
+    if nlink != (0 if kind == "dir" else 1):
+        line += f',"n":{nlink}'
+    if digest is not None:
+        line += f',"h":"{digest}"'
+    if target is not None:
+        line += ',"l":' + _jstr(encode_text(target))
+    if hardlink is not None:
+        line += ',"k":' + _jstr(encode_path(hardlink))
+    if xattrs:
+        pairs = ",".join(_jstr(encode_text(k)) + ':"' + b64(v) + '"' for k, v in xattrs)
+        line += ',"x":{' + pairs + "}"
+    if rdev:
+        line += f',"r":{rdev}'
+    if state != "ok":
+        line += f',"st":"{state}"'
+    return line + f"{HINTS_MARK}[{mtime_ns},{ctime_ns},{ino}]}}"
 
 
 def to_json(entry: Entry) -> dict[str, Any]:

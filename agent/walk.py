@@ -4,7 +4,15 @@ Worker processes (forked where this process has a single thread) each take a
 *task* — the contents of one directory, walked depth first until a budget of work is spent,
 with the subdirectories left over handed back as further tasks — and return the results as
 record lines. The calling process puts the pieces back together in manifest order, so entries
-stream out in order while both cores hash; memory holds only the tasks in flight.
+stream out in order while both cores hash; memory holds only the tasks in flight. As each task
+is done (in the pool's thread) the directories it left are queued and more tasks handed out,
+up to two running per worker and sixteen per worker waiting to be put in order, so the workers
+never wait for the caller.
+
+Inside a task a measured path is measured 32 paths after the walk has seen it: meanwhile its
+file is open and its first 4 MiB announced to the kernel (``measure.open_ahead``), so the disk
+reads the files ahead while the worker hashes, and a cold cache costs little more than the
+reads themselves. The file is still checked against what ``lstat`` saw after it is read.
 
 Two modes: ``measure`` (every entry measured and hashed: bake, ``check --full``) and ``stat``
 (``lstat`` only: ``check``), where the caller compares each path's signature — type, size,
@@ -18,13 +26,15 @@ later names is set here, in manifest order.
 from __future__ import annotations
 
 import errno
+import functools
 import heapq
 import multiprocessing
 import os
 import stat
 import threading
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -32,12 +42,14 @@ from typing import Any, Final, NamedTuple, Protocol
 
 from agent import record
 from agent.measure import (
+    AHEAD_FILE_BYTES,
     Entry,
     full_path,
-    measure_stat,
+    measure_fields,
+    open_ahead,
     order_key,
     root_prefix,
-    stat_entry,
+    stat_fields,
 )
 from agent.mounts import MountTable
 from agent.policy import Policy
@@ -49,6 +61,13 @@ Signature = tuple[str, int, str]
 _TOP_BUDGET: Final = 256  # the first task returns soon, so every worker has work at once
 _BUDGET: Final = 4096  # units per task: one per path, one per 64 KiB hashed
 _BATCH: Final = 256  # paths per task in the second round of ``stat`` mode
+# In stat mode the caller is the critical path (it reads and verifies the baseline, then puts
+# every path in order and compares it) while the workers' lstat walk has time to spare: the
+# workers yield the processor to it rather than share it.
+_STAT_NICENESS: Final = 5
+_TOP: Final = ""  # the key of the first task (every other task's is its directory's path)
+_AHEAD_FILES: Final = 32  # paths measured this far behind the walk, their files read meanwhile
+_AHEAD_BYTES: Final = 16 << 20  # and no more bytes than this announced ahead
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
 _FMT_CODES: Final = {
     stat.S_IFREG: "f",
@@ -94,23 +113,40 @@ class _Scanner:
         self.ignore = ignore
         self.root_dev = -1
         self.links: dict[tuple[int, int], Entry] = {}
+        # Paths to measure, in order, each with its place in ``out`` and, for a file to hash,
+        # the file opened and announced to the kernel (``measure.open_ahead``).
+        self.ahead: deque[tuple[int, str, str, os.stat_result, int | None]] = deque()
+        self.ahead_bytes = 0
 
     def run(self, task: tuple[Any, ...]) -> tuple[list[Item], list[tuple[str, str]]]:
         kind = task[0]
-        out: list[Item] = []
+        out: list[Item | None] = []
         deferred: list[tuple[str, str]] = []
-        if kind == "top":
-            self._top(task[1], task[2], out, deferred)
-        elif kind == "dir":
-            _kind, path, full, measure = task
-            self._walk(path, full, measure, _BUDGET, out, deferred)
-        else:
-            for path in task[1]:
-                self._measure_path(path, out)
-        return out, deferred
+        try:
+            if kind == "top":
+                self._top(task[1], task[2], out, deferred)
+            elif kind == "dir":
+                _kind, path, full, measure = task
+                self._walk(path, full, measure, _BUDGET, out, deferred)
+            else:
+                for path in task[1]:
+                    self._measure_path(path, out)
+            while self.ahead:
+                self._settle(out)
+        finally:
+            while self.ahead:
+                opened = self.ahead.popleft()[-1]
+                if opened is not None:
+                    os.close(opened)
+            self.ahead_bytes = 0
+        return [item for item in out if item is not None], deferred  # None: vanished
 
     def _top(
-        self, tops: list[str], measure: bool, out: list[Item], deferred: list[tuple[str, str]]
+        self,
+        tops: list[str],
+        measure: bool,
+        out: list[Item | None],
+        deferred: list[tuple[str, str]],
     ) -> None:
         for top in tops:
             if self.policy.excluded(top):
@@ -132,7 +168,7 @@ class _Scanner:
         full: str,
         measure: bool,
         budget: int,
-        out: list[Item],
+        out: list[Item | None],
         deferred: list[tuple[str, str]],
     ) -> None:
         spent = 0
@@ -179,7 +215,7 @@ class _Scanner:
                 if exc.errno not in _GONE:
                     raise
 
-    def _skip_mount(self, path: str, full: str, st: os.stat_result, out: list[Item]) -> bool:
+    def _skip_mount(self, path: str, full: str, st: os.stat_result, out: list[Item | None]) -> bool:
         if st.st_dev == self.root_dev:
             return False
         if self.policy.one_filesystem or self.mounts.fstype(full) in self.policy.exclude_fstypes:
@@ -188,26 +224,59 @@ class _Scanner:
         return False
 
     def _emit(
-        self, path: str, full: str, st: os.stat_result, measure: bool, out: list[Item]
+        self, path: str, full: str, st: os.stat_result, measure: bool, out: list[Item | None]
     ) -> int:
-        """Measure (or just sign) one path into ``out``; return the work units it cost."""
+        """Measure (or just sign) one path into ``out``; return the work units it cost.
+
+        A measured path takes its place in ``out`` now and is measured a few files later
+        (``_settle``), so that the files ahead of it are being read from disk meanwhile."""
         mode = st.st_mode
-        is_dir = stat.S_ISDIR(mode)
         if not measure:
             code = _FMT_CODES.get(stat.S_IFMT(mode), "?")
             hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            out.append(("S", path, (code, st.st_size, hints), is_dir))
+            out.append(("S", path, (code, st.st_size, hints), stat.S_ISDIR(mode)))
             return 1
-        link = (st.st_dev, st.st_ino) if st.st_nlink > 1 and not is_dir else None
-        entry = self._linked(path, full, st, link) if link else None
+        opened = None
+        size = st.st_size
+        if stat.S_ISREG(mode) and self._will_read(path, size, st):
+            opened = open_ahead(full, size)
+            if opened is not None:
+                self.ahead_bytes += min(size, AHEAD_FILE_BYTES)
+        out.append(None)  # its place, filled in by _settle
+        self.ahead.append((len(out) - 1, path, full, st, opened))
+        while len(self.ahead) > _AHEAD_FILES or self.ahead_bytes > _AHEAD_BYTES:
+            self._settle(out)
+        return 1 + (size >> 16 if opened is not None else 0)
+
+    def _will_read(self, path: str, size: int, st: os.stat_result) -> bool:
+        """Whether measuring this regular file reads its content (not another name of a file
+        read already)."""
+        cap = self.policy.max_file_size_bytes
+        if (cap and size > cap) or not self.policy.wants_content(path):
+            return False
+        return st.st_nlink < 2 or (st.st_dev, st.st_ino) not in self.links
+
+    def _settle(self, out: list[Item | None]) -> None:
+        """Measure the oldest path of ``ahead`` into its place in ``out``."""
+        index, path, full, st, opened = self.ahead.popleft()
+        if opened is not None:
+            self.ahead_bytes -= min(st.st_size, AHEAD_FILE_BYTES)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if st.st_nlink < 2 or is_dir:  # the common case: no Entry made, the line straight away
+            fields = measure_fields(full, path, st, self.policy, hash_content=True, opened=opened)
+            if fields is not None:  # else vanished: its place stays empty
+                out[index] = ("E", path, record.fields_line(*fields), fields[1] == "dir", None)
+            return
+        link = (st.st_dev, st.st_ino)
+        entry = self._linked(path, full, st, link)
         if entry is None:
-            entry = measure_stat(full, path, st, self.policy, hash_content=True)
-            if entry is None:
-                return 1
-            if link:
-                self.links[link] = entry
-        out.append(("E", path, record.to_line(entry), entry.type == "dir", link))
-        return 1 + (st.st_size >> 16 if entry.digest else 0)
+            fields = measure_fields(full, path, st, self.policy, hash_content=True, opened=opened)
+            if fields is None:
+                return
+            entry = self.links[link] = Entry(*fields)
+        elif opened is not None:
+            os.close(opened)
+        out[index] = ("E", path, record.to_line(entry), entry.type == "dir", link)
 
     def _linked(
         self, path: str, full: str, st: os.stat_result, link: tuple[int, int]
@@ -226,9 +295,10 @@ class _Scanner:
         ):
             return None
         digest = first.digest if self.policy.wants_content(path) else None
-        return stat_entry(full, path, st, digest, "ok")
+        fields = stat_fields(full, path, st, digest, "ok")
+        return Entry(*fields) if fields is not None else None
 
-    def _measure_path(self, path: str, out: list[Item]) -> None:
+    def _measure_path(self, path: str, out: list[Item | None]) -> None:
         full = full_path(self.root, path)
         try:
             st = os.lstat(full)
@@ -242,9 +312,11 @@ class _Scanner:
 _worker: _Scanner | None = None
 
 
-def _init_worker(scanner: _Scanner) -> None:
+def _init_worker(scanner: _Scanner, niceness: int) -> None:
     global _worker  # noqa: PLW0603 (one scanner per worker process, set once at its start)
     _worker = scanner
+    if niceness:
+        os.nice(niceness)
 
 
 def _run_in_worker(task: tuple[Any, ...]) -> tuple[list[Item], list[tuple[str, str]]]:
@@ -282,11 +354,15 @@ class Walk:
             self.root, policy, mounts if mounts is not None else MountTable.from_proc(), ignore
         )
         self._pool: ProcessPoolExecutor | None = None
+        self._top: tuple[Any, ...] | None = None
+        # Shared with the pool's thread, which hands out new tasks as each one is done:
+        self._lock = threading.RLock()
         self._futures: dict[str, Future[tuple[list[Item], list[tuple[str, str]]]]] = {}
-        self._heard: set[int] = set()
+        self._heard: set[str] = set()  # tasks whose subdirectories were queued
+        self._taken: set[str] = set()  # tasks whose items were put in order
         self._queue: list[tuple[bytes, str, str]] = []
-        self._top: Future[tuple[list[Item], list[tuple[str, str]]]] | None = None
-        self._limit = 4 * self.workers
+        self._running = 2 * self.workers  # tasks handed out and not done
+        self._held = 16 * self.workers  # tasks handed out and not yet put in order
 
     def __enter__(self) -> Walk:
         return self
@@ -301,6 +377,9 @@ class Walk:
 
     def close(self) -> None:
         if self._pool is not None:
+            with self._lock:
+                self._queue.clear()  # nothing more is handed out (not held while shutting down)
+                self._running = 0
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
@@ -315,7 +394,7 @@ class Walk:
                 break
             except FileNotFoundError:
                 continue
-        task = ("top", tops, not self.fast)
+        self._top = ("top", tops, not self.fast)
         if self.workers > 1:
             # fork is fast, but only safe while this process has no other thread
             method = "fork" if threading.active_count() == 1 else "forkserver"
@@ -323,72 +402,73 @@ class Walk:
                 self.workers,
                 mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
-                initargs=(self._scanner,),
+                initargs=(self._scanner, _STAT_NICENESS if self.fast else 0),
             )
-            self._top = self._pool.submit(_run_in_worker, task)
-        else:
-            self._top = Future()
-            self._top.set_result(self._scanner.run(task))
+            with self._lock:
+                self._launch(_TOP, self._top)
 
     # -- putting the pieces back in order -----------------------------------------------------
 
     def _items(self) -> Iterator[Item]:
         self.start()
         assert self._top is not None
-        stack = [iter(self._result(self._top))]
+        stack = [iter(self._take(_TOP, self._top))]
         while stack:
             item = next(stack[-1], None)
             if item is None:
                 stack.pop()
             elif item[0] == "X":
-                stack.append(iter(self._take(item[1], item[2])))
+                stack.append(iter(self._take(item[1], ("dir", item[1], item[2], not self.fast))))
             elif item[0] == "M":
                 self.skipped.append(item[1])
             else:
                 yield item
 
-    def _task(self, path: str, full: str) -> tuple[Any, ...]:
-        return ("dir", path, full, not self.fast)
+    def _launch(self, key: str, task: tuple[Any, ...]) -> None:
+        """Hand ``task`` to the pool (with the lock held)."""
+        assert self._pool is not None
+        future = self._pool.submit(_run_in_worker, task)
+        self._futures[key] = future
+        future.add_done_callback(functools.partial(self._done, key))
 
-    def _result(self, future: Future[tuple[list[Item], list[tuple[str, str]]]]) -> list[Item]:
-        """Wait for ``future``, handing out newly found tasks while waiting; its items."""
-        while not future.done():
-            running = {f for f in self._futures.values() if not f.done()}
-            done, _ = wait({future, *running}, return_when=FIRST_COMPLETED)
-            for other in done:
-                self._hear(other)
-        self._hear(future)
-        return future.result()[0]
+    def _done(self, key: str, future: Future[tuple[list[Item], list[tuple[str, str]]]]) -> None:
+        """A task is done (called in the pool's thread): queue what it found, hand out more."""
+        with self._lock:
+            if self._futures.get(key) is future:
+                self._hear(key, future)
 
-    def _hear(self, future: Future[tuple[list[Item], list[tuple[str, str]]]]) -> None:
-        if id(future) in self._heard or future.cancelled() or future.exception() is not None:
+    def _hear(self, key: str, future: Future[tuple[list[Item], list[tuple[str, str]]]]) -> None:
+        if key in self._heard or future.cancelled() or future.exception() is not None:
             return
-        self._heard.add(id(future))
+        self._heard.add(key)
         for path, full in future.result()[1]:
             heapq.heappush(self._queue, (order_key(path), path, full))
         self._pump()
 
     def _pump(self) -> None:
-        while self._queue and len(self._futures) < self._limit:
+        running = sum(1 for f in self._futures.values() if not f.done())
+        while self._queue and running < self._running and len(self._futures) < self._held:
             _key, path, full = heapq.heappop(self._queue)
-            if path not in self._futures:
-                self._submit(path, full)
+            if path not in self._futures and path not in self._taken:
+                self._launch(path, ("dir", path, full, not self.fast))
+                running += 1
 
-    def _submit(self, path: str, full: str) -> None:
-        if self._pool is not None:
-            self._futures[path] = self._pool.submit(_run_in_worker, self._task(path, full))
-
-    def _take(self, path: str, full: str) -> list[Item]:
+    def _take(self, key: str, task: tuple[Any, ...]) -> list[Item]:
+        """The items of ``task``, waiting for it (or, without workers, doing it now)."""
         if self._pool is None:
-            return self._scanner.run(self._task(path, full))[0]
-        future = self._futures.get(path)
-        if future is None:
-            self._submit(path, full)
-            future = self._futures[path]
-        items = self._result(future)
-        del self._futures[path]
-        self._heard.discard(id(future))
-        self._pump()
+            return self._scanner.run(task)[0]
+        with self._lock:
+            future = self._futures.get(key)
+            if future is None:
+                self._launch(key, task)
+                future = self._futures[key]
+        items = future.result()[0]
+        with self._lock:
+            self._hear(key, future)
+            del self._futures[key]
+            self._heard.discard(key)
+            self._taken.add(key)  # it may still be queued: never hand it out again
+            self._pump()
         return items
 
     # -- what callers see ---------------------------------------------------------------------
@@ -414,13 +494,18 @@ class Walk:
                 yield Same(path) if reference.same_line(path, line) else record.from_line(line)
             return
         differ: list[str] = []
-        for item in self._items():
-            self.count += 1
-            path = item[1]
-            if reference.unchanged(path, item[2]):
-                yield Same(path)
-            else:
-                differ.append(path)
+        unchanged = reference.unchanged
+        count = self.count
+        try:
+            for item in self._items():
+                count += 1
+                path = item[1]
+                if unchanged(path, item[2]):
+                    yield Same(path)
+                else:
+                    differ.append(path)
+        finally:
+            self.count = count
         self.measured = len(differ)
         yield from self._measure_paths(differ)
 

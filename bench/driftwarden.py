@@ -1,9 +1,10 @@
 """How the harness runs driftwarden: ``python -m agent`` from this checkout, nothing installed.
 
 Every command is ``[sys.executable, "-m", "agent", ...]`` with ``PYTHONPATH`` set to the
-repository root, so the figures are those of the code in this worktree. Manifests are signed
-with a pipeline key made once per work directory, and checks verify them with its public key,
-as an image pipeline and a booting host would.
+repository root, so the figures are those of the code in this worktree (byte-compiled first, as
+an installed package is). Manifests are signed with a pipeline key made once per work
+directory, and checks verify them with its public key, as an image pipeline and a booting host
+would.
 """
 
 from __future__ import annotations
@@ -41,6 +42,18 @@ class Agent:
 
     def argv(self, *args: str | os.PathLike[str]) -> tuple[str, ...]:
         return (sys.executable, "-m", "agent", *(os.fspath(a) for a in args))
+
+    def compile(self) -> None:
+        """Byte-compile the checkout, as installing the package does: with
+        ``PYTHONDONTWRITEBYTECODE`` set, every run would otherwise compile the agent again."""
+        done = subprocess.run(
+            [sys.executable, "-m", "compileall", "-q", str(self.repo / "agent")],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"compileall failed: {(done.stdout + done.stderr).strip()}")
 
     def keygen(self) -> None:
         if self.key.exists():

@@ -37,8 +37,8 @@ runs. **Cold**: `sync; echo 3 > /proc/sys/vm/drop_caches` before every measured 
 the tree's bytes (each inode once) over the wall time; files/s its regular-file names over
 the wall time; "speed vs" is the reference's wall time over this row's. The disk's own limit
 is `cat` of every file with two readers (the tools have two cores), and `dd` of the files
-over 1 MiB. driftwarden runs as `python -m agent` from this checkout, `--workers 0` (one per
-core)."""
+over 1 MiB. driftwarden runs as `python -m agent` from this checkout (byte-compiled first, as an
+installed package is), `--workers 0` (one per core)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(logs)
         logs.mkdir(parents=True)
         workdir.mkdir(parents=True, exist_ok=True)
+        Agent(REPO, workdir).compile()
         settings = Settings(
             repo=REPO,
             workdir=workdir,

@@ -17,8 +17,7 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
-import structlog
-
+from agent.logs import get_logger
 from agent.packages import apk, dpkg, dpkg_files, rpm
 from agent.packages.image import ImageRoot
 from agent.packages.model import (
@@ -44,7 +43,7 @@ __all__ = [
     "verify_package_files",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def _exists(image: ImageRoot, image_path: str) -> bool:

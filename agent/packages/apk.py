@@ -18,9 +18,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Final
 
-import structlog
-
 from agent.errors import PackageDbError
+from agent.logs import get_logger
 from agent.packages.dbfile import db_lines, read_db_file
 from agent.packages.image import ImageRoot, normalize
 from agent.packages.model import Package, PackageSet
@@ -29,7 +28,7 @@ from agent.packages.verify import FileDigest
 INSTALLED: Final = "/lib/apk/db/installed"
 _LINE_RE: Final = re.compile(r"([A-Za-z]):(.*)")
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def _fields(root: Path) -> Iterator[tuple[int, str, str]]:

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import structlog
-
 from agent.errors import PackageDbError
+from agent.logs import get_logger
 from agent.packages.dbfile import db_lines, read_db_file
 from agent.packages.image import ImageRoot, normalize
 from agent.packages.model import Package, PackageSet, UnsettledPackage
@@ -38,7 +37,7 @@ _FIELD_RE: Final = re.compile(r"([^\s:#-][^\s:]*):(.*)")
 _HEX32_RE: Final = re.compile(r"[0-9a-fA-F]{32}")
 _CONFFILE_FLAGS: Final = frozenset({"obsolete", "remove-on-upgrade"})
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

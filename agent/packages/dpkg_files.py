@@ -23,9 +23,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Final
 
-import structlog
-
 from agent.errors import PackageDbError
+from agent.logs import get_logger
 from agent.packages.dbfile import db_lines, read_db_file
 from agent.packages.dpkg import Record, read_records
 from agent.packages.image import ImageRoot, NotRegularError, normalize
@@ -40,7 +39,7 @@ _FILTER_RE: Final = re.compile(r"(?:--)?path-(exclude|include)(?:=|\s+)(\S.*)")
 _MD5_RE: Final = re.compile(r"(\\?)([0-9a-fA-F]{32}) [ *](.+)")
 _UNESCAPE: Final = {"\\": "\\", "n": "\n", "r": "\r"}
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def read_diversions(image: ImageRoot) -> dict[str, tuple[str, str]]:

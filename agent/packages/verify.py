@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import structlog
-
 from agent.errors import advice
+from agent.logs import get_logger
 from agent.packages.image import ImageRoot, NotRegularError
 from agent.packages.model import PackageFileMismatch
 
@@ -27,7 +26,7 @@ _CHUNK_BYTES: Final = 1 << 20
 _BATCH_FILES: Final = 64
 _ABSENT_ERRNOS: Final = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -532,3 +533,38 @@ def test_package_changes_are_reported(
     assert all(f["drift"] is (mode == "drift") and f["arch"] == "amd64" for f in packages)
     text = run(agent_cmd, subprocess_env, *base).stdout
     assert "package openssl:amd64 3.0.11-1 -> 3.0.13-1" in text
+
+
+# --- start-up cost ---------------------------------------------------------------------------
+
+_IMPORTS_AFTER = """\
+import sys
+from agent.cli import main
+code = main(sys.argv[1:])
+print(" ".join(m for m in ("structlog", "importlib.metadata") if m in sys.modules))
+sys.exit(code)
+"""
+
+
+def test_check_logs_without_loading_structlog_until_an_event_passes(
+    image: Image, subprocess_env: dict[str, str]
+) -> None:
+    """A clean, verified check logs nothing at the default level, so it never imports
+    structlog; at ``--log-level info`` its events are still written, as JSON lines."""
+    base = ["check", "--root", str(image.root), "--baseline", str(image.manifest)]
+    base += ["--pubkey", str(image.key) + ".pub"]
+    quiet = run([sys.executable, "-c", _IMPORTS_AFTER], subprocess_env, "--log-json", *base)
+    assert quiet.returncode == EXIT_OK, quiet.stderr
+    assert quiet.stdout.splitlines()[-1] == ""
+    assert quiet.stderr == ""
+    chatty = run(
+        [sys.executable, "-c", _IMPORTS_AFTER],
+        subprocess_env,
+        *("--log-json", "--log-level", "info", *base),
+    )
+    assert chatty.returncode == EXIT_OK, chatty.stderr
+    assert "structlog" in chatty.stdout.splitlines()[-1]
+    events = [json.loads(line) for line in chatty.stderr.splitlines()]
+    finished = [e for e in events if e["event"] == "check_finished"]
+    assert finished and finished[0]["service"] == "driftwarden-agent"
+    assert finished[0]["level"] == "info"

@@ -228,6 +228,34 @@ def test_truncated_manifest_is_refused(baked: tuple[Path, Path, Path]) -> None:
         load_baseline(out)
 
 
+@pytest.mark.parametrize("damage", ["crc", "length", "trailing bytes"])
+def test_a_stored_manifest_is_checked_like_a_compressed_one(
+    baked: tuple[Path, Path, Path], damage: str
+) -> None:
+    """Bake writes the gzip members stored; a flipped byte in the last member's CRC or length,
+    or bytes after it, still make the file unreadable, not silently accepted."""
+    _root, out, _key = baked
+    data = bytearray(out.read_bytes())
+    if damage == "trailing bytes":
+        data += b"\x1f"
+    else:
+        data[-8 if damage == "crc" else -1] ^= 0x01
+    out.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="not a readable manifest"):
+        load_baseline(out)
+
+
+def test_manifests_written_at_any_gzip_level_are_read(baked: tuple[Path, Path, Path]) -> None:
+    """Manifests baked before members were stored (level 1) read the same."""
+    _root, out, _key = baked
+    stored = load_baseline(out)
+    compressed = out.with_name("compressed.gz")
+    compressed.write_bytes(gzip.compress(gzip.decompress(out.read_bytes()), 1))
+    again = load_baseline(compressed)
+    assert again.statement == stored.statement
+    assert list(again.paths()) == list(stored.paths())
+
+
 def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
     root = build(tmp_path / "root")
     shutil.rmtree(at(root, "/usr"))

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from agent import measure
+from agent import walk as walk_module
 from agent.measure import Entry, measure_path, order_key
 from agent.mounts import MountTable
 from agent.policy import Policy, parse_policy
@@ -246,15 +247,76 @@ def test_walk_is_in_manifest_order_and_matches_measure_path(root: Path, workers:
     assert all(e == measure_path(root, e.path, pol) for e in entries)
 
 
+def _open_ahead_then(
+    monkeypatch: pytest.MonkeyPatch, name: str, act: Callable[[Path], None]
+) -> list[str]:
+    """Run ``act(file)`` on the file called ``name`` just after the walk opened it ahead of
+    hashing it; return every path opened ahead."""
+    real = walk_module.open_ahead
+    opened: list[str] = []
+
+    def opening(full: str, size: int) -> int | None:
+        fd = real(full, size)
+        opened.append(full)
+        if full.endswith("/" + name):
+            act(Path(full))
+        return fd
+
+    monkeypatch.setattr(walk_module, "open_ahead", opening)
+    return opened
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_file_that_grows_after_it_was_opened_ahead_is_read_again(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def grow(file: Path) -> None:
+        with open(file, "ab") as fh:
+            fh.write(b"written after the walk opened the file\n")
+
+    opened = _open_ahead_then(monkeypatch, "passwd", grow)
+    before = _open_fds()
+    entries = {e.path: e for e in walk_entries(root, policy())}
+    file = at(root, "/etc/passwd")
+    assert any(full.endswith("/etc/passwd") for full in opened)
+    assert entries["/etc/passwd"].state == "ok"
+    assert entries["/etc/passwd"].digest == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert entries["/etc/passwd"].size == file.stat().st_size
+    assert _open_fds() == before
+
+
+def test_file_removed_after_it_was_opened_ahead_yields_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk holds the file open, but its content is not the image's any more."""
+    _open_ahead_then(monkeypatch, "passwd", Path.unlink)
+    before = _open_fds()
+    paths = {e.path for e in walk_entries(root, policy())}
+    assert "/etc/passwd" not in paths and "/etc" in paths
+    assert _open_fds() == before
+
+
+def test_walk_closes_every_file_it_opened_ahead(root: Path) -> None:
+    os.link(at(root, "/usr/bin/tool"), at(root, "/usr/bin/tool-again"))
+    before = _open_fds()
+    entries = {e.path: e for e in walk_entries(root, policy(max_file_size_bytes=100))}
+    assert entries["/usr/bin/tool"].state == "too_large"
+    assert entries["/usr/bin/tool-again"].hardlink == "/usr/bin/tool"
+    assert _open_fds() == before
+
+
 def test_hardlinks_are_hashed_once_and_named(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     os.link(at(root, "/usr/bin/tool"), at(root, "/usr/bin/tool-again"))
     os.link(at(root, "/usr/bin/tool"), at(root, "/usr/share/tool-third"))
     hashed: list[str] = []
     real = measure._hash_stable
 
-    def counting(full: str, st: os.stat_result) -> str | None:
+    def counting(full: str, st: os.stat_result, fd: int | None = None) -> str | None:
         hashed.append(full)
-        return real(full, st)
+        return real(full, st, fd)
 
     monkeypatch.setattr(measure, "_hash_stable", counting)
     entries = {e.path: e for e in walk_entries(root, policy())}
