@@ -72,7 +72,12 @@ def bake_command(args: argparse.Namespace) -> int:
         signer = keys.load_private(args.key) if args.key else None
         packages = read_packages(root)
         with ManifestWriter(
-            out, policy=policy, policy_text=text, build_id=args.build_id, signer=signer
+            out,
+            policy=policy,
+            policy_text=text,
+            build_id=args.build_id,
+            signer=signer,
+            compress_level=args.compress_level,
         ) as writer:
             for path, line, is_dir in walk.records():
                 writer.add_line(path, line, is_dir=is_dir)

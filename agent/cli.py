@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", type=Path, help="Ed25519 private key to sign with")
     p.add_argument("--build-id", default="", help="the image build's identifier")
     p.add_argument("--workers", type=int, default=0, help="hashing threads (0: one per core)")
+    p.add_argument(
+        "--compress-level",
+        type=int,
+        default=0,
+        choices=range(10),
+        metavar="0-9",
+        help="gzip level of the manifest (default 0: stored, fastest to check)",
+    )
     p.set_defaults(handler=_bake)
 
     p = sub.add_parser("check", help="measure a root against a baked manifest")

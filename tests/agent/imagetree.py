@@ -88,9 +88,17 @@ def make_key(directory: Path, name: str = "pipeline.key") -> Path:
     return key
 
 
-def bake(root: Path, policy: Path, out: Path, *, key: Path | None = None) -> None:
+def bake(
+    root: Path, policy: Path, out: Path, *, key: Path | None = None, compress_level: int = 0
+) -> None:
     """Bake in-process (the set-up of a test; the command itself is tested as a process)."""
     args = argparse.Namespace(
-        root=root, policy=policy, out=out, key=key, build_id="test-build", workers=2
+        root=root,
+        policy=policy,
+        out=out,
+        key=key,
+        build_id="test-build",
+        workers=2,
+        compress_level=compress_level,
     )
     assert baseline.bake_command(args) == 0

@@ -256,6 +256,23 @@ def test_manifests_written_at_any_gzip_level_are_read(baked: tuple[Path, Path, P
     assert list(again.paths()) == list(stored.paths())
 
 
+def test_bake_compresses_on_request_to_the_same_manifest(
+    baked: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """``bake --compress-level`` makes a smaller file that says the same, verified by the same
+    key; a level outside 0 to 9 is refused before anything is written."""
+    root, stored_out, key = baked
+    small = tmp_path / "small.gz"
+    bake(root, write_policy(tmp_path), small, key=key, compress_level=6)
+    assert small.stat().st_size < stored_out.stat().st_size / 2
+    stored, compressed = _load(stored_out, key), _load(small, key)
+    assert compressed.statement["root"] == stored.statement["root"]
+    assert list(compressed.paths()) == list(stored.paths())
+    with pytest.raises(ManifestError, match="compress level 10 is not 0 to 9"):
+        bake(root, write_policy(tmp_path), tmp_path / "bad.gz", key=key, compress_level=10)
+    assert not (tmp_path / "bad.gz").exists()
+
+
 def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
     root = build(tmp_path / "root")
     shutil.rmtree(at(root, "/usr"))
