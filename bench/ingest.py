@@ -62,6 +62,7 @@ class Settings:
     procs: int
     seed: int
     keep_alive: bool
+    processes: int | None = None  # collector worker processes (None: its default)
 
 
 @dataclass
@@ -104,10 +105,14 @@ class Result:
 
 
 def _cpu_s(pid: int | None) -> float:
-    """CPU seconds a process has used so far."""
+    """CPU seconds a collector has used so far, its worker processes' too."""
     assert pid is not None
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    parent = psutil.Process(pid)
+    total = 0.0
+    for proc in (parent, *parent.children(recursive=True)):
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def _machine_cpu_s() -> float:
@@ -185,7 +190,8 @@ def run_scenario(
         enroll_token = _cli(db.url, "enroll-token", "create", "--note", "bench")["token"]
         viewer_token = _cli(db.url, "token", "create", "--role", "viewer")["token"]
         for n in range(replicas):
-            collectors.append(Server(db.url, workdir, name=f"collector-{n}").start(60))
+            server = Server(db.url, workdir, name=f"collector-{n}", processes=settings.processes)
+            collectors.append(server.start(60))
         plan = Plan(
             seed=settings.seed,
             hosts=settings.hosts,
@@ -450,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2, help="generator processes")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep-alive", action="store_true", help="reuse connections")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help="worker processes per collector (default: its own, one per core)",
+    )
     parser.add_argument("--no-prime", action="store_true", help="skip the clean boot reports")
     parser.add_argument(
         "--steady", action="store_true", help="also run each scenario without the burst"
@@ -467,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         procs=args.procs,
         seed=args.seed,
         keep_alive=args.keep_alive,
+        processes=args.processes,
     )
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = []

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import psutil
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
@@ -35,9 +36,16 @@ class Server:
     """One collector process; ``start`` returns once ``/readyz`` answers 200."""
 
     def __init__(
-        self, db_url: str, workdir: Path, *, name: str = "collector", config: str = CONFIG
+        self,
+        db_url: str,
+        workdir: Path,
+        *,
+        name: str = "collector",
+        config: str = CONFIG,
+        processes: int | None = None,
     ) -> None:
         self.db_url = db_url
+        self.processes = processes
         self.config = config
         self.workdir = workdir
         self.name = name
@@ -63,6 +71,7 @@ class Server:
                     self.db_url,
                     "--listen",
                     f"127.0.0.1:{self.port}",
+                    *(() if self.processes is None else ("--processes", str(self.processes))),
                 ],
                 env=env,
                 cwd=self.workdir,
@@ -89,11 +98,20 @@ class Server:
                 raise RuntimeError(f"{self.name} exited:\n{self.log.read_text()}")
         raise TimeoutError(f"{self.name} not ready in {timeout_s}s:\n{self.log.read_text()}")
 
+    def workers(self) -> list[psutil.Process]:
+        """The worker processes serving for this one (none when it serves alone)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return psutil.Process(self.proc.pid).children()
+
     def kill(self) -> None:
-        """SIGKILL: no shutdown, no flush; what was committed must be all there is."""
+        """SIGKILL: no shutdown, no flush; what was committed must be all there is. Its
+        workers die with it (the kernel kills them); wait until they are gone too."""
         if self.proc is not None and self.proc.poll() is None:
+            workers = self.workers()
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+            psutil.wait_procs(workers, timeout=10)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
