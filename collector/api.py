@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent import wire
 from collector import auth, intake, silence, sre
@@ -28,7 +29,6 @@ from collector.config import Config
 from collector.errors import Refused, StoreError
 from collector.handlers import default_registry
 from collector.ingest import Ingestor
-from collector.intake import ReportIntake
 from collector.jobs import Registry, Worker, WorkerThread
 from collector.metrics import CONTENT_TYPE, Metrics
 from collector.model import Role
@@ -91,9 +91,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(kind, answer)
 
 
+class CollectorApp(FastAPI):
+    """The application. Agent reports skip the middleware stack and router (each layer costs
+    every request something, and reports are nearly all of them): ``intake`` answers them."""
+
+    intake: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.intake is not None and intake.is_report(scope):
+            scope["app"] = self
+            await self.intake(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(
     config: Config, *, store: SqlStore | None = None, registry: Registry | None = None
-) -> FastAPI:
+) -> CollectorApp:
     """The application. With ``store`` the caller owns it; else it is opened (and migrated)
     at start and closed at shutdown. Job workers run when ``[server] workers`` is true."""
 
@@ -121,7 +135,7 @@ def create_app(
                 opened.close()
             log.info("collector_stopped")
 
-    app = FastAPI(
+    app = CollectorApp(
         title="driftwarden collector",
         version=VERSION,
         description="Drift reports in, fleet verdicts out. See docs/api.md.",
@@ -131,12 +145,13 @@ def create_app(
         redoc_url=None,
     )
     _install_error_handlers(app)
-    app.add_middleware(ReportIntake)  # inside BodyLimit: the limit holds for reports too
-    app.add_middleware(
-        BodyLimit,
-        limit=config.server.max_body_bytes,
-        refused=lambda: app.state.services.metrics.rejected("too_large"),
-    )
+
+    def too_large() -> None:
+        app.state.services.metrics.rejected("too_large")
+
+    limit = config.server.max_body_bytes
+    app.add_middleware(BodyLimit, limit=limit, refused=too_large)
+    app.intake = BodyLimit(intake.answer_reports, limit=limit, refused=too_large)
     _public_routes(app)
     _agent_routes(app)
     app.include_router(sre.router)

@@ -1,11 +1,11 @@
 """Agent reports in: ``POST /v1/reports`` answered ahead of the web framework.
 
 Reports are nearly all of the collector's requests (every host, every heartbeat interval, a new
-connection each time), so their route is a plain ASGI middleware: it reads the body (its size
-already bounded by ``BodyLimit``, which stands in front), decodes it, hands it to the
-``Ingestor`` and sends the acknowledgements once the group commit has written them. Every other
-request goes on to FastAPI, which also declares this route (for the OpenAPI description) with
-the same ``receive_reports``.
+connection each time), so the application (``collector.api.CollectorApp``) hands them to a
+plain ASGI endpoint before its middleware stack and router: ``answer_reports`` reads the body
+(its size bounded by ``BodyLimit``, which stands in front of it too), decodes it, hands it to
+the ``Ingestor`` and sends the acknowledgements once the group commit has written them. FastAPI
+also declares the route (for the OpenAPI description), with the same ``receive_reports``.
 
 A small body — a heartbeat, a finding — is parsed and its signatures checked right on the event
 loop: that costs less than handing it to a thread. A larger one is checked in the thread pool,
@@ -21,7 +21,7 @@ from typing import Any, Final
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from collector.answers import exception_response
 from collector.errors import Refused
@@ -53,25 +53,23 @@ async def receive_reports(svc: Services, raw: bytes) -> dict[str, Any]:
     return result
 
 
-class ReportIntake:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+def is_report(scope: Scope) -> bool:
+    return bool(scope["type"] == "http" and scope["path"] == PATH and scope["method"] == "POST")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        svc: Services = scope["app"].state.services
-        response: Response
-        try:
-            answer = await receive_reports(svc, await Request(scope, receive).body())
-        except ClientDisconnect:  # the agent is gone before it sent the batch: nothing to do
-            return
-        except Exception as exc:
-            response = exception_response(exc, PATH)
-        else:
-            response = Response(_dumps(answer), media_type="application/json")
-        await response(scope, receive, send)
+
+async def answer_reports(scope: Scope, receive: Receive, send: Send) -> None:
+    """The ASGI endpoint of ``POST /v1/reports``; every error is answered in the envelope."""
+    svc: Services = scope["app"].state.services
+    response: Response
+    try:
+        answer = await receive_reports(svc, await Request(scope, receive).body())
+    except ClientDisconnect:  # the agent is gone before it sent the batch: nothing to do
+        return
+    except Exception as exc:
+        response = exception_response(exc, PATH)
+    else:
+        response = Response(_dumps(answer), media_type="application/json")
+    await response(scope, receive, send)
 
 
 def _dumps(answer: dict[str, Any]) -> bytes:

@@ -159,7 +159,11 @@ class SqlTx:
                 .returning(jobs.c.id)
             )
             _ENQUEUE[self.conn.dialect.name] = statement
-        values = {
+        # rowcount is not reliable after ON CONFLICT: a returned id says it was inserted
+        return self.conn.execute(statement, self._job_row(job)).first() is not None
+
+    def _job_row(self, job: JobSpec) -> dict[str, Any]:
+        return {
             "kind": job.kind,
             "dedup_key": job.dedup_key,
             "payload": dict(job.payload),
@@ -169,8 +173,6 @@ class SqlTx:
             "created_at": self.now,
             "updated_at": self.now,
         }
-        # rowcount is not reliable after ON CONFLICT: a returned id says it was inserted
-        return self.conn.execute(statement, values).first() is not None
 
     def image(self, build_id: str) -> Image | None:
         row = self.conn.execute(select(images).where(images.c.build_id == build_id)).first()
@@ -293,8 +295,12 @@ class GroupTx(SqlTx):
     append (envelopes, findings, the audit trail) and the host and tip updates they make are
     kept here and written by ``flush`` in a few multi-row statements just before the commit.
     Reads through this object see those writes; SQL sent straight to ``conn`` does not, so
-    only ``Tx`` methods may touch the hosts, host_keys, envelopes, findings and transitions
-    tables in it. Jobs, enrollment tokens and new hosts are written at once.
+    only ``Tx`` methods may touch the hosts, host_keys, envelopes, findings, transitions and
+    jobs tables in it. Enrollment tokens and new hosts are written at once.
+
+    A job is written by ``flush`` too (one statement for the group's jobs), so ``enqueue``
+    cannot say whether one with the same kind and dedup key was still open: it answers True,
+    and the duplicate is skipped when written. Nothing in an ingest asks.
     """
 
     def __init__(
@@ -313,6 +319,7 @@ class GroupTx(SqlTx):
             findings: [],
             transitions: [],
         }
+        self._jobs: list[dict[str, Any]] = []
 
     def lock_hosts(self, host_ids: Sequence[str]) -> None:
         """Read and lock the group's hosts and their chain tips, two statements in all."""
@@ -383,6 +390,10 @@ class GroupTx(SqlTx):
         self._rows[transitions].append(_transition_row(transition))
         self._move(transition)
 
+    def enqueue(self, job: JobSpec) -> bool:
+        self._jobs.append(self._job_row(job))
+        return True
+
     def image(self, build_id: str) -> Image | None:
         if build_id not in self._images:
             self._images[build_id] = super().image(build_id)
@@ -417,3 +428,9 @@ class GroupTx(SqlTx):
                 ],
             )
             self._tip_updates.clear()
+        if self._jobs:  # one open job per kind and dedup key: a duplicate is skipped
+            self.conn.execute(
+                self._insert(jobs).on_conflict_do_nothing(),  # type: ignore[attr-defined]
+                self._jobs,
+            )
+            self._jobs.clear()

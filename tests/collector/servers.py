@@ -104,6 +104,12 @@ class Server:
             return []
         return psutil.Process(self.proc.pid).children()
 
+    def pids(self) -> set[int]:
+        """Its process and its workers: the ones that may claim a job."""
+        if self.proc is None:
+            return set()
+        return {self.proc.pid, *(w.pid for w in self.workers())}
+
     def kill(self) -> None:
         """SIGKILL: no shutdown, no flush; what was committed must be all there is. Its
         workers die with it (the kernel kills them); wait until they are gone too."""
