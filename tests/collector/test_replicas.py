@@ -1,5 +1,6 @@
-"""Two collector replicas on one PostgreSQL: the same reports sent to both are processed
-once, and jobs are claimed once, even when a worker is killed holding a lease."""
+"""Two collector replicas on one database (PostgreSQL, or one SQLite file as a collector's worker
+processes share it): the same reports sent to both are processed once, and jobs are claimed
+once, even when a worker is killed holding a lease."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from tests.collector.hosts import SimHost, file_drift
 from tests.collector.servers import REPO, Server
 
 pytestmark = [
-    pytest.mark.postgres,
     pytest.mark.slow,
-    pytest.mark.parametrize("db_url", ["postgresql"], indirect=True),
+    pytest.mark.parametrize(
+        "db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+    ),
 ]
 
 
