@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     Connection,
     Insert,
@@ -43,6 +44,22 @@ from collector.store.schema import (
 
 InsertFactory = Callable[[Table], Insert]
 _ENQUEUE: dict[str, Any] = {}  # the job insert, by dialect name
+
+# A group commit's statements, built once: SQLAlchemy then finds each compiled form in its
+# cache without building and hashing a new statement for every group.
+_IDS: BindParameter[list[str]] = bindparam("ids", expanding=True)
+_GROUP_HOSTS = select(hosts).where(hosts.c.host_id.in_(_IDS)).order_by(hosts.c.host_id)
+_GROUP_HOSTS_LOCKED = _GROUP_HOSTS.with_for_update()
+_GROUP_TIPS = select(
+    host_keys.c.host_id, host_keys.c.key_id, host_keys.c.last_seq, host_keys.c.last_digest
+).where(host_keys.c.host_id.in_(_IDS))
+_APPEND = {table: table.insert() for table in (envelopes, findings, transitions)}
+_UPDATE_HOST = update(hosts).where(hosts.c.host_id == bindparam("b_host"))
+_UPDATE_TIP = (
+    update(host_keys)
+    .where(host_keys.c.host_id == bindparam("b_host"), host_keys.c.key_id == bindparam("b_key"))
+    .values(last_seq=bindparam("b_seq"), last_digest=bindparam("b_digest"))
+)
 
 
 class SqlTx:
@@ -326,14 +343,10 @@ class GroupTx(SqlTx):
         wanted = sorted(set(host_ids) - self._hosts.keys())
         if not wanted:
             return
-        query = select(hosts).where(hosts.c.host_id.in_(wanted)).order_by(hosts.c.host_id)
-        if self._row_locks:
-            query = query.with_for_update()
-        for row in self.conn.execute(query):
+        query = _GROUP_HOSTS_LOCKED if self._row_locks else _GROUP_HOSTS
+        for row in self.conn.execute(query, {"ids": wanted}):
             self._hosts[row.host_id] = dict(row._mapping)
-        k = host_keys.c
-        tips = select(k.host_id, k.key_id, k.last_seq, k.last_digest).where(k.host_id.in_(wanted))
-        for row in self.conn.execute(tips):
+        for row in self.conn.execute(_GROUP_TIPS, {"ids": wanted}):
             self._tips[(row.host_id, row.key_id)] = wire.ChainState(row.last_seq, row.last_digest)
         self._tips_read.update(wanted)
 
@@ -403,20 +416,17 @@ class GroupTx(SqlTx):
         """Write what the units kept here: one statement per table (per shape of update)."""
         for table, pending in self._rows.items():
             if pending:
-                self.conn.execute(table.insert(), pending)
+                self.conn.execute(_APPEND[table], pending)
                 pending.clear()
         by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for host_id, values in self._host_updates.items():
             by_columns.setdefault(tuple(sorted(values)), []).append({"b_host": host_id, **values})
         for batch in by_columns.values():
-            self.conn.execute(update(hosts).where(hosts.c.host_id == bindparam("b_host")), batch)
+            self.conn.execute(_UPDATE_HOST, batch)
         self._host_updates.clear()
         if self._tip_updates:
-            k = host_keys.c
             self.conn.execute(
-                update(host_keys)
-                .where(k.host_id == bindparam("b_host"), k.key_id == bindparam("b_key"))
-                .values(last_seq=bindparam("b_seq"), last_digest=bindparam("b_digest")),
+                _UPDATE_TIP,
                 [
                     {
                         "b_host": h,
