@@ -2,6 +2,8 @@
 
 Scenarios: ``sqlite-1`` (one collector on a SQLite file) and ``postgres-2`` (two replicas on
 two ports sharing one PostgreSQL database on 127.0.0.1:5432; the hosts are spread over both).
+Each collector serves with its default number of worker processes (one per core), or
+``--processes N``; the collector CPU counted is its workers' too.
 Each run starts the collector(s) as ``python -m collector serve`` processes on a fresh
 database, creates an enrollment and a viewer token with the ``driftwarden`` command, and drives
 the load from separate generator processes (``bench/ingest_load.py``):
@@ -343,7 +345,14 @@ def render(results: list[Result], before: list[dict[str, Any]], command_line: st
         f"phase (≈ {s.hosts / s.heartbeat_s:.0f} reports/s), plus a burst of "
         f"{s.burst_rate:g} findings/s for {s.burst_s:g} s (one drift finding per report, each "
         f"from another host) in the middle of a {s.duration_s:g} s open-loop run. "
-        f"{s.procs} generator processes share the machine with the collector; like agents, "
+        "Each collector serves with "
+        + (
+            f"{s.processes} worker process{'es' if s.processes != 1 else ''} "
+            f"(`--processes {s.processes}`)"
+            if s.processes
+            else "one worker process per core (`[server] processes = 0`, the default)"
+        )
+        + f". {s.procs} generator processes share the machine with the collector; like agents, "
         "each host keeps one request in flight and "
         + (
             "connections are reused."
