@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import psutil
 import requests
@@ -23,6 +25,33 @@ require_registered = false
 level = "info"
 json = true
 """
+
+
+def send_at_once(
+    urls: list[str], batches: list[dict[str, Any]]
+) -> dict[tuple[str, int], list[str]]:
+    """Every batch to every one of ``urls``, all at the same moment; each envelope's statuses
+    (``accepted``, ``duplicate``), by host and sequence number."""
+    statuses: dict[tuple[str, int], list[str]] = {}
+    lock = threading.Lock()
+    gate = threading.Barrier(len(urls) * len(batches))
+
+    def post(url: str, batch: dict[str, Any]) -> None:
+        gate.wait()
+        answer = requests.post(url + "/v1/reports", json=batch, timeout=30)
+        assert answer.status_code == 200, answer.text
+        with lock:
+            for ack in answer.json()["acks"]:
+                statuses.setdefault((str(batch["host_id"]), ack["seq"]), []).append(ack["status"])
+
+    threads = [
+        threading.Thread(target=post, args=(url, batch)) for batch in batches for url in urls
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return statuses
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ reports sent twice at once are stored once, the silence sweep and the jobs run o
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +16,7 @@ from collector import auth
 from collector.model import HostState
 from collector.store import SqlStore
 from tests.collector.hosts import SimHost, file_drift
-from tests.collector.servers import CONFIG, Server
+from tests.collector.servers import CONFIG, Server, send_at_once
 from tests.sshd import wait_until
 
 pytestmark = pytest.mark.slow
@@ -48,17 +47,6 @@ def test_two_processes_store_each_report_once_and_sweep_once(
             answer = requests.post(server.url + "/v1/enroll", json=host.enrollment(token))
             assert answer.status_code == 201, answer.text
         statuses: dict[tuple[str, int], list[str]] = {}
-        lock = threading.Lock()
-
-        def post(batch: dict[str, object], gate: threading.Barrier) -> None:
-            gate.wait()
-            answer = requests.post(server.url + "/v1/reports", json=batch, timeout=30)
-            assert answer.status_code == 200, answer.text
-            with lock:
-                for ack in answer.json()["acks"]:
-                    key = (str(batch["host_id"]), ack["seq"])
-                    statuses.setdefault(key, []).append(ack["status"])
-
         for round_ in range(6):
             batches = []
             for host in drifting:
@@ -66,16 +54,7 @@ def test_two_processes_store_each_report_once_and_sweep_once(
                 if round_ == 3:
                     envs.append(host.finding(file_drift("/etc/sudoers")))
                 batches.append(host.batch(*envs))
-            gate = threading.Barrier(2 * len(batches))
-            threads = [
-                threading.Thread(target=post, args=(batch, gate))
-                for batch in batches
-                for _ in range(2)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
+            statuses.update(send_at_once([server.url, server.url], batches))
         assert len(statuses) == 4 * 19
         assert all(sorted(s) == ["accepted", "duplicate"] for s in statuses.values()), statuses
 
