@@ -2,8 +2,9 @@
 
 Scenarios: ``sqlite-1`` (one collector on a SQLite file) and ``postgres-2`` (two replicas on
 two ports sharing one PostgreSQL database on 127.0.0.1:5432; the hosts are spread over both).
-Each collector serves with its default number of worker processes (one per core), or
-``--processes N``; the collector CPU counted is its workers' too.
+Each collector serves with ``--processes N`` worker processes, by default the machine's cores
+shared among the scenario's collectors (two replicas on two cores: one each); the collector CPU
+counted is its workers' too.
 Each run starts the collector(s) as ``python -m collector serve`` processes on a fresh
 database, creates an enrollment and a viewer token with the ``driftwarden`` command, and drives
 the load from separate generator processes (``bench/ingest_load.py``):
@@ -175,6 +176,12 @@ class Database:
 # --- one scenario ----------------------------------------------------------------------------
 
 
+def collector_processes(replicas: int) -> int:
+    """Worker processes per collector by default: the machine's cores shared among the
+    scenario's collectors, as an operator running that many replicas on it would set them."""
+    return max(1, len(os.sched_getaffinity(0)) // replicas)
+
+
 def run_scenario(
     scenario: str, settings: Settings, *, prime: bool = True, label: str = ""
 ) -> Result:
@@ -186,13 +193,14 @@ def run_scenario(
             old.unlink()
     started = datetime.now(UTC).isoformat(timespec="seconds")
     result = Result(scenario + label, settings, _commit(), started)
+    processes = settings.processes or collector_processes(replicas)
     db = Database(backend, workdir)
     collectors: list[Server] = []
     try:
         enroll_token = _cli(db.url, "enroll-token", "create", "--note", "bench")["token"]
         viewer_token = _cli(db.url, "token", "create", "--role", "viewer")["token"]
         for n in range(replicas):
-            server = Server(db.url, workdir, name=f"collector-{n}", processes=settings.processes)
+            server = Server(db.url, workdir, name=f"collector-{n}", processes=processes)
             collectors.append(server.start(60))
         plan = Plan(
             seed=settings.seed,
@@ -345,12 +353,16 @@ def render(results: list[Result], before: list[dict[str, Any]], command_line: st
         f"phase (≈ {s.hosts / s.heartbeat_s:.0f} reports/s), plus a burst of "
         f"{s.burst_rate:g} findings/s for {s.burst_s:g} s (one drift finding per report, each "
         f"from another host) in the middle of a {s.duration_s:g} s open-loop run. "
-        "Each collector serves with "
+        "Worker processes per collector (`[server] processes`): "
         + (
-            f"{s.processes} worker process{'es' if s.processes != 1 else ''} "
-            f"(`--processes {s.processes}`)"
+            f"{s.processes} (`--processes {s.processes}`)"
             if s.processes
-            else "one worker process per core (`[server] processes = 0`, the default)"
+            else "the machine's cores shared among the scenario's collectors ("
+            + ", ".join(
+                f"{name}: {collector_processes(replicas)}"
+                for name, (_, replicas) in SCENARIOS.items()
+            )
+            + ")"
         )
         + f". {s.procs} generator processes share the machine with the collector; like agents, "
         "each host keeps one request in flight and "
@@ -468,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--processes",
         type=int,
-        help="worker processes per collector (default: its own, one per core)",
+        help="worker processes per collector (default: the cores shared among the collectors)",
     )
     parser.add_argument("--no-prime", action="store_true", help="skip the clean boot reports")
     parser.add_argument(
