@@ -2,6 +2,9 @@
 
 Scenarios: ``sqlite-1`` (one collector on a SQLite file) and ``postgres-2`` (two replicas on
 two ports sharing one PostgreSQL database on 127.0.0.1:5432; the hosts are spread over both).
+Each collector serves with ``--processes N`` worker processes, by default the machine's cores
+shared among the scenario's collectors (two replicas on two cores: one each); the collector CPU
+counted is its workers' too.
 Each run starts the collector(s) as ``python -m collector serve`` processes on a fresh
 database, creates an enrollment and a viewer token with the ``driftwarden`` command, and drives
 the load from separate generator processes (``bench/ingest_load.py``):
@@ -62,6 +65,7 @@ class Settings:
     procs: int
     seed: int
     keep_alive: bool
+    processes: int | None = None  # collector worker processes (None: its default)
 
 
 @dataclass
@@ -104,10 +108,14 @@ class Result:
 
 
 def _cpu_s(pid: int | None) -> float:
-    """CPU seconds a process has used so far."""
+    """CPU seconds a collector has used so far, its worker processes' too."""
     assert pid is not None
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    parent = psutil.Process(pid)
+    total = 0.0
+    for proc in (parent, *parent.children(recursive=True)):
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def _machine_cpu_s() -> float:
@@ -168,6 +176,12 @@ class Database:
 # --- one scenario ----------------------------------------------------------------------------
 
 
+def collector_processes(replicas: int) -> int:
+    """Worker processes per collector by default: the machine's cores shared among the
+    scenario's collectors, as an operator running that many replicas on it would set them."""
+    return max(1, len(os.sched_getaffinity(0)) // replicas)
+
+
 def run_scenario(
     scenario: str, settings: Settings, *, prime: bool = True, label: str = ""
 ) -> Result:
@@ -179,13 +193,15 @@ def run_scenario(
             old.unlink()
     started = datetime.now(UTC).isoformat(timespec="seconds")
     result = Result(scenario + label, settings, _commit(), started)
+    processes = settings.processes or collector_processes(replicas)
     db = Database(backend, workdir)
     collectors: list[Server] = []
     try:
         enroll_token = _cli(db.url, "enroll-token", "create", "--note", "bench")["token"]
         viewer_token = _cli(db.url, "token", "create", "--role", "viewer")["token"]
         for n in range(replicas):
-            collectors.append(Server(db.url, workdir, name=f"collector-{n}").start(60))
+            server = Server(db.url, workdir, name=f"collector-{n}", processes=processes)
+            collectors.append(server.start(60))
         plan = Plan(
             seed=settings.seed,
             hosts=settings.hosts,
@@ -337,7 +353,18 @@ def render(results: list[Result], before: list[dict[str, Any]], command_line: st
         f"phase (≈ {s.hosts / s.heartbeat_s:.0f} reports/s), plus a burst of "
         f"{s.burst_rate:g} findings/s for {s.burst_s:g} s (one drift finding per report, each "
         f"from another host) in the middle of a {s.duration_s:g} s open-loop run. "
-        f"{s.procs} generator processes share the machine with the collector; like agents, "
+        "Worker processes per collector (`[server] processes`): "
+        + (
+            f"{s.processes} (`--processes {s.processes}`)"
+            if s.processes
+            else "the machine's cores shared among the scenario's collectors ("
+            + ", ".join(
+                f"{name}: {collector_processes(replicas)}"
+                for name, (_, replicas) in SCENARIOS.items()
+            )
+            + ")"
+        )
+        + f". {s.procs} generator processes share the machine with the collector; like agents, "
         "each host keeps one request in flight and "
         + (
             "connections are reused."
@@ -450,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2, help="generator processes")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--keep-alive", action="store_true", help="reuse connections")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        help="worker processes per collector (default: the cores shared among the collectors)",
+    )
     parser.add_argument("--no-prime", action="store_true", help="skip the clean boot reports")
     parser.add_argument(
         "--steady", action="store_true", help="also run each scenario without the burst"
@@ -467,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         procs=args.procs,
         seed=args.seed,
         keep_alive=args.keep_alive,
+        processes=args.processes,
     )
     scenarios = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = []

@@ -11,6 +11,7 @@ Exit status: 0 success, 2 error, 78 bad configuration.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,12 +47,13 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
             config_mod.parse_listen(args.listen)
         except ValueError as exc:
             raise ConfigError(f"--listen {args.listen!r}: {exc}") from exc
-        server = config.server
-        config = config.replace(
-            server=config_mod.ServerConfig(
-                args.listen, server.max_body_bytes, server.metrics_public, server.workers
+        config = config.replace(server=dataclasses.replace(config.server, listen=args.listen))
+    if getattr(args, "processes", None) is not None:
+        if not 0 <= args.processes <= config_mod.MAX_PROCESSES:
+            raise ConfigError(
+                f"--processes {args.processes} is out of range 0..{config_mod.MAX_PROCESSES}"
             )
-        )
+        config = config.replace(server=dataclasses.replace(config.server, processes=args.processes))
     return config
 
 
@@ -63,27 +65,11 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from collector.api import create_app
-    from collector.store import open_store
+    from collector import serve
 
     config = load_config(args)
     logs.configure("driftwarden-collector", level=config.log.level, json_lines=config.log.json)
-    store = open_store(config.database.url, pool_size=config.database.pool_size)
-    try:
-        host, port = config.server.host_port()
-        uvicorn.run(
-            create_app(config, store=store),
-            host=host,
-            port=port,
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=10,
-        )
-    finally:
-        store.close()
-    return EXIT_OK
+    return serve.run(config)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -312,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the collector (HTTP API, ingest, job workers)")
     _db_options(p)
     p.add_argument("--listen", help="HOST:PORT (overrides [server] listen)")
+    p.add_argument(
+        "--processes", type=int, help="worker processes, 0 for one per core ([server] processes)"
+    )
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("check-config", help="validate the configuration and exit")

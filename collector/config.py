@@ -41,9 +41,13 @@ class ServerConfig:
     max_body_bytes: int = 4 * MIB
     metrics_public: bool = False
     workers: bool = True
+    processes: int = 0  # 0: one per CPU core this process may run on
 
     def host_port(self) -> tuple[str, int]:
         return parse_listen(self.listen)
+
+    def process_count(self) -> int:
+        return self.processes or len(os.sched_getaffinity(0))
 
 
 @dataclass(frozen=True)
@@ -107,8 +111,10 @@ SECTIONS: Final[dict[str, type[Any]]] = {
 del SECTIONS["source"]
 del SECTIONS["response"]  # [[sink]], [[action]], [[pool]], [response], [breakglass]
 
+MAX_PROCESSES: Final = 256
 _LIMITS: Final[dict[tuple[str, str], tuple[float, float]]] = {
     ("server", "max_body_bytes"): (1024, 64 * MIB),
+    ("server", "processes"): (0, MAX_PROCESSES),
     ("database", "pool_size"): (1, 200),
     ("verdicts", "heartbeat_interval_s"): (0.01, 86400),
     ("verdicts", "silent_after_intervals"): (1, 1000),

@@ -54,6 +54,10 @@ class Ingestor:
         self.metrics = metrics
         self.committer = GroupCommitter(store)
         self._keys: dict[str, tuple[str, Ed25519PublicKey]] = {}
+        # the fleet's keys, read in one query when the first report comes and loaded into
+        # ``_keys`` as their hosts report: a report seldom waits for the database to learn
+        # its host's key (a host enrolled since then, through another process)
+        self._enrolled: dict[str, tuple[str, bytes]] | None = None
 
     def close(self) -> None:
         """Finish what is waiting to be written, then stop the writer."""
@@ -109,6 +113,8 @@ class Ingestor:
             else:
                 self._rekeyed(tx, host, key_id, raw_key, values)
             self._keys.pop(host_id, None)
+            if self._enrolled is not None:
+                self._enrolled.pop(host_id, None)
             status = 201
         tip = tx.key_tip(host_id, key_id) or wire.ChainState()
         log.info("host_enrolled", host_id=host_id, key_id=key_id, status=status)
@@ -196,29 +202,46 @@ class Ingestor:
         """Parse the batch and verify its signatures here; the future is answered with the
         acknowledgements after the batch is committed (or with its refusal)."""
         host_id, batch = self._parse(request)
-        key_id, key = self._host_key(host_id)
-        self._verify(key, batch)
+        key_id = self._signed_by(host_id, batch)
         future = self.committer.submit(
             lambda tx: self._ingest(tx, host_id, key_id, batch), locks=(host_id,)
         )
         future.add_done_callback(lambda done: self._count(batch, done))
         return future
 
+    def _signed_by(self, host_id: str, batch: list[tuple[wire.Envelope, bodies.Reading]]) -> str:
+        """The id of the host's key, which signed every envelope of the batch. A remembered key
+        that does not verify is read again first: the host may have been re-keyed through
+        another process or replica since."""
+        key_id, key = self._host_key(host_id)
+        if _first_bad(key, batch) is None:
+            return key_id
+        self._keys.pop(host_id, None)
+        current = self.store.current_keys(host_id=host_id).get(host_id)
+        if current is not None and current[0] != key_id:
+            key_id, key = self._remember(host_id, *current)
+        self._verify(key, batch)
+        return key_id
+
     def _host_key(self, host_id: str) -> tuple[str, Ed25519PublicKey]:
         """The host's enrolled key (remembered: the commit checks it is still the one)."""
         known = self._keys.get(host_id)
         if known is not None:
             return known
-        host = self.store.host(host_id)
-        if host is None:
+        if self._enrolled is None:
+            self._enrolled = self.store.current_keys(limit=MAX_REMEMBERED_KEYS)
+        enrolled = self._enrolled.pop(host_id, None) or self.store.current_keys(
+            host_id=host_id
+        ).get(host_id)
+        if enrolled is None:
             raise self._refuse(404, "unknown_host", f"host {host_id!r} is not enrolled; enroll")
-        return self._remember(host)
+        return self._remember(host_id, *enrolled)
 
-    def _remember(self, host: Host) -> tuple[str, Ed25519PublicKey]:
+    def _remember(self, host_id: str, key_id: str, raw: bytes) -> tuple[str, Ed25519PublicKey]:
         if len(self._keys) >= MAX_REMEMBERED_KEYS:
             self._keys.clear()
-        known = (host.key_id, Ed25519PublicKey.from_public_bytes(host.public_key))
-        self._keys[host.host_id] = known
+        known = (key_id, Ed25519PublicKey.from_public_bytes(raw))
+        self._keys[host_id] = known
         return known
 
     def _ingest(
@@ -228,7 +251,7 @@ class Ingestor:
         if host is None:
             raise self._refuse(404, "unknown_host", f"host {host_id!r} is not enrolled; enroll")
         if host.key_id != key_id:  # re-enrolled with a new key meanwhile
-            self._verify(self._remember(host)[1], batch)
+            self._verify(self._remember(host_id, host.key_id, host.public_key)[1], batch)
         acks, tip = self._commit(tx, host, batch)
         return {"acks": acks, "last_seq": tip.last_seq, "last_digest": tip.last_digest}
 
@@ -268,11 +291,10 @@ class Ingestor:
     def _verify(
         self, key: Ed25519PublicKey, batch: list[tuple[wire.Envelope, bodies.Reading]]
     ) -> None:
-        for index, (env, _) in enumerate(batch):
-            try:
-                wire.verify_signature(env, key)
-            except wire.WireError as exc:
-                raise self._refuse(401, exc.code, str(exc), index=index, seq=env.seq) from exc
+        bad = _first_bad(key, batch)
+        if bad is not None:
+            index, env, exc = bad
+            raise self._refuse(401, exc.code, str(exc), index=index, seq=env.seq) from exc
 
     def _commit(
         self, tx: Tx, host: Host, batch: list[tuple[wire.Envelope, bodies.Reading]]
@@ -401,6 +423,18 @@ class Ingestor:
         details = {k: v for k, v in details.items() if v is not None}
         log.info("report_refused", status=status, code=code, reason=message, **details)
         return Refused(status, code, message, **details)
+
+
+def _first_bad(
+    key: Ed25519PublicKey, batch: list[tuple[wire.Envelope, bodies.Reading]]
+) -> tuple[int, wire.Envelope, wire.WireError] | None:
+    """The first envelope whose signature ``key`` does not verify, and why."""
+    for index, (env, _) in enumerate(batch):
+        try:
+            wire.verify_signature(env, key)
+        except wire.WireError as exc:
+            return index, env, exc
+    return None
 
 
 def _integrity(host_id: str, at: datetime, severity: str, detail: Mapping[str, Any]) -> Finding:

@@ -56,7 +56,12 @@ def configure(service: str, *, level: str = "info", json_lines: bool | None = No
     for name in _QUIET:
         logging.getLogger(name).setLevel(logging.WARNING)
     structlog.configure(
-        processors=[*chain, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # an event below the level is dropped first, before anything is spent on it
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *chain,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,

@@ -43,12 +43,15 @@ def record(
     actor: str,
     initial: bool = False,
 ) -> None:
-    """Write one transition and enqueue its jobs. ``initial`` is the first line of a host."""
+    """Write one transition and enqueue its jobs. ``initial`` is the first line of a host.
+
+    The audit trail is the transitions table (``driftwarden events ID``); the log line is
+    debug, since a burst of drift is a burst of transitions, one per report."""
     source = None if initial else host.state
     tx.add_transition(Transition(host.host_id, source, to_state, cause, actor, tx.now, evidence))
     for job in consequences(host, to_state, cause, evidence, from_state=source):
         tx.enqueue(job)
-    log.info(
+    log.debug(
         "host_transition",
         host_id=host.host_id,
         from_state=source.value if source else None,

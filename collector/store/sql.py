@@ -137,6 +137,17 @@ class SqlStore:
             row = conn.execute(select(hosts).where(hosts.c.host_id == host_id)).first()
         return rows.host(row) if row else None
 
+    def current_keys(
+        self, *, host_id: str | None = None, limit: int | None = None
+    ) -> dict[str, tuple[str, bytes]]:
+        """Hosts' enrolled keys, ``{host_id: (key_id, raw public key)}``: one host's, or up to
+        ``limit`` of the fleet's."""
+        query = select(hosts.c.host_id, hosts.c.key_id, hosts.c.public_key).limit(limit)
+        if host_id is not None:
+            query = query.where(hosts.c.host_id == host_id)
+        with self._read() as conn:
+            return {r.host_id: (r.key_id, r.public_key) for r in conn.execute(query)}
+
     def hosts(self, *, state: HostState | None = None, image: str | None = None) -> list[Host]:
         query = select(hosts).order_by(hosts.c.host_id)
         if state is not None:

@@ -4,10 +4,17 @@ Every write transaction is ``BEGIN IMMEDIATE``: it takes the database's one writ
 (waiting up to the busy timeout), so two writers never deadlock upgrading a read lock, and a
 job claim or an ingest is a single-writer transaction. ``synchronous=FULL``: a commit is on
 disk before the API acknowledges it.
+
+Writers queue for that lock in the kernel rather than in SQLite's busy handler, which sleeps
+up to 100 ms between tries: a thread waits on the store's lock, a process (the collector's
+other workers, ``[server] processes``) on an exclusive ``flock`` of ``PATH-writer``, a file
+beside the database; the one holding it is woken the moment the writer before it is done.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,21 +33,41 @@ BUSY_TIMEOUT_MS = 30_000
 
 
 class SqliteStore(SqlStore):
-    """Writers in this process queue on a lock for SQLite's one write lock, rather than
-    spinning in its busy handler (which sleeps up to 100 ms between tries); the busy timeout
-    still covers other processes (the CLI creating a token)."""
+    """Writers queue on a thread lock, then on the lock file, for SQLite's one write lock;
+    the busy timeout still covers a writer that takes neither (an older CLI, ``sqlite3``)."""
 
     backend: ClassVar[str] = "sqlite"
     row_locks: ClassVar[bool] = False
 
-    def __init__(self, engine: Engine, *, display_url: str) -> None:
+    def __init__(self, engine: Engine, *, display_url: str, lock_path: Path) -> None:
         super().__init__(engine, display_url=display_url)
         self._writer = threading.Lock()
+        self._lock_path = lock_path
+        self._lock_fd: int | None = None
 
     @contextmanager
     def _transaction(self, kind: type[SqlTx] = SqlTx) -> Iterator[SqlTx]:
-        with self._writer, super()._transaction(kind) as tx:
-            yield tx
+        with self._writer:
+            fd = self._lock_file()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                with super()._transaction(kind) as tx:
+                    yield tx
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _lock_file(self) -> int:
+        """Opened on first use, in the process that uses it (a forked worker has its own)."""
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self._lock_fd
+
+    def close(self) -> None:
+        super().close()
+        with self._writer:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def insert(self, table: Table) -> Insert:
         return insert(table)
@@ -77,4 +104,8 @@ def open_store(url: URL, *, pool_size: int) -> SqliteStore:
     )
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _on_begin)
-    return SqliteStore(engine, display_url=url.render_as_string(hide_password=True))
+    return SqliteStore(
+        engine,
+        display_url=url.render_as_string(hide_password=True),
+        lock_path=Path(url.database + "-writer"),
+    )

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     ColumnElement,
     Connection,
     Insert,
@@ -43,6 +44,22 @@ from collector.store.schema import (
 
 InsertFactory = Callable[[Table], Insert]
 _ENQUEUE: dict[str, Any] = {}  # the job insert, by dialect name
+
+# A group commit's statements, built once: SQLAlchemy then finds each compiled form in its
+# cache without building and hashing a new statement for every group.
+_IDS: BindParameter[list[str]] = bindparam("ids", expanding=True)
+_GROUP_HOSTS = select(hosts).where(hosts.c.host_id.in_(_IDS)).order_by(hosts.c.host_id)
+_GROUP_HOSTS_LOCKED = _GROUP_HOSTS.with_for_update()
+_GROUP_TIPS = select(
+    host_keys.c.host_id, host_keys.c.key_id, host_keys.c.last_seq, host_keys.c.last_digest
+).where(host_keys.c.host_id.in_(_IDS))
+_APPEND = {table: table.insert() for table in (envelopes, findings, transitions)}
+_UPDATE_HOST = update(hosts).where(hosts.c.host_id == bindparam("b_host"))
+_UPDATE_TIP = (
+    update(host_keys)
+    .where(host_keys.c.host_id == bindparam("b_host"), host_keys.c.key_id == bindparam("b_key"))
+    .values(last_seq=bindparam("b_seq"), last_digest=bindparam("b_digest"))
+)
 
 
 class SqlTx:
@@ -159,7 +176,11 @@ class SqlTx:
                 .returning(jobs.c.id)
             )
             _ENQUEUE[self.conn.dialect.name] = statement
-        values = {
+        # rowcount is not reliable after ON CONFLICT: a returned id says it was inserted
+        return self.conn.execute(statement, self._job_row(job)).first() is not None
+
+    def _job_row(self, job: JobSpec) -> dict[str, Any]:
+        return {
             "kind": job.kind,
             "dedup_key": job.dedup_key,
             "payload": dict(job.payload),
@@ -169,8 +190,6 @@ class SqlTx:
             "created_at": self.now,
             "updated_at": self.now,
         }
-        # rowcount is not reliable after ON CONFLICT: a returned id says it was inserted
-        return self.conn.execute(statement, values).first() is not None
 
     def image(self, build_id: str) -> Image | None:
         row = self.conn.execute(select(images).where(images.c.build_id == build_id)).first()
@@ -293,8 +312,12 @@ class GroupTx(SqlTx):
     append (envelopes, findings, the audit trail) and the host and tip updates they make are
     kept here and written by ``flush`` in a few multi-row statements just before the commit.
     Reads through this object see those writes; SQL sent straight to ``conn`` does not, so
-    only ``Tx`` methods may touch the hosts, host_keys, envelopes, findings and transitions
-    tables in it. Jobs, enrollment tokens and new hosts are written at once.
+    only ``Tx`` methods may touch the hosts, host_keys, envelopes, findings, transitions and
+    jobs tables in it. Enrollment tokens and new hosts are written at once.
+
+    A job is written by ``flush`` too (one statement for the group's jobs), so ``enqueue``
+    cannot say whether one with the same kind and dedup key was still open: it answers True,
+    and the duplicate is skipped when written. Nothing in an ingest asks.
     """
 
     def __init__(
@@ -313,20 +336,17 @@ class GroupTx(SqlTx):
             findings: [],
             transitions: [],
         }
+        self._jobs: list[dict[str, Any]] = []
 
     def lock_hosts(self, host_ids: Sequence[str]) -> None:
         """Read and lock the group's hosts and their chain tips, two statements in all."""
         wanted = sorted(set(host_ids) - self._hosts.keys())
         if not wanted:
             return
-        query = select(hosts).where(hosts.c.host_id.in_(wanted)).order_by(hosts.c.host_id)
-        if self._row_locks:
-            query = query.with_for_update()
-        for row in self.conn.execute(query):
+        query = _GROUP_HOSTS_LOCKED if self._row_locks else _GROUP_HOSTS
+        for row in self.conn.execute(query, {"ids": wanted}):
             self._hosts[row.host_id] = dict(row._mapping)
-        k = host_keys.c
-        tips = select(k.host_id, k.key_id, k.last_seq, k.last_digest).where(k.host_id.in_(wanted))
-        for row in self.conn.execute(tips):
+        for row in self.conn.execute(_GROUP_TIPS, {"ids": wanted}):
             self._tips[(row.host_id, row.key_id)] = wire.ChainState(row.last_seq, row.last_digest)
         self._tips_read.update(wanted)
 
@@ -383,6 +403,10 @@ class GroupTx(SqlTx):
         self._rows[transitions].append(_transition_row(transition))
         self._move(transition)
 
+    def enqueue(self, job: JobSpec) -> bool:
+        self._jobs.append(self._job_row(job))
+        return True
+
     def image(self, build_id: str) -> Image | None:
         if build_id not in self._images:
             self._images[build_id] = super().image(build_id)
@@ -392,20 +416,17 @@ class GroupTx(SqlTx):
         """Write what the units kept here: one statement per table (per shape of update)."""
         for table, pending in self._rows.items():
             if pending:
-                self.conn.execute(table.insert(), pending)
+                self.conn.execute(_APPEND[table], pending)
                 pending.clear()
         by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for host_id, values in self._host_updates.items():
             by_columns.setdefault(tuple(sorted(values)), []).append({"b_host": host_id, **values})
         for batch in by_columns.values():
-            self.conn.execute(update(hosts).where(hosts.c.host_id == bindparam("b_host")), batch)
+            self.conn.execute(_UPDATE_HOST, batch)
         self._host_updates.clear()
         if self._tip_updates:
-            k = host_keys.c
             self.conn.execute(
-                update(host_keys)
-                .where(k.host_id == bindparam("b_host"), k.key_id == bindparam("b_key"))
-                .values(last_seq=bindparam("b_seq"), last_digest=bindparam("b_digest")),
+                _UPDATE_TIP,
                 [
                     {
                         "b_host": h,
@@ -417,3 +438,9 @@ class GroupTx(SqlTx):
                 ],
             )
             self._tip_updates.clear()
+        if self._jobs:  # one open job per kind and dedup key: a duplicate is skipped
+            self.conn.execute(
+                self._insert(jobs).on_conflict_do_nothing(),  # type: ignore[attr-defined]
+                self._jobs,
+            )
+            self._jobs.clear()

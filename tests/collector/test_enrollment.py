@@ -11,6 +11,8 @@ from fastapi.testclient import TestClient
 
 from collector import auth
 from collector.actions import MalformedRequestError, ReplacementRequest
+from collector.api import create_app
+from collector.config import Config
 from collector.model import HostState
 from collector.response.replace import instance_id
 from collector.store import SqlStore
@@ -133,3 +135,25 @@ def test_over_long_values_are_malformed_never_a_database_error(
     details = assert_error(send(client, sim, start), 400, "malformed")
     assert details["seq"] == 1
     assert store.host(sim.host_id).envelopes == 0  # type: ignore[union-attr]
+
+
+def test_a_host_rekeyed_through_another_process_is_heard_with_its_new_key(
+    client: TestClient, config: Config, store: SqlStore, enroll_token: str, tokens: dict[str, str]
+) -> None:
+    """Worker processes (and replicas) each remember hosts' keys; one that learned the old key
+    reads the new one when a report does not verify with it."""
+    sim = SimHost()
+    with TestClient(create_app(config, store=store)) as other:
+        assert enroll(client, sim, enroll_token).status_code == 201
+        assert send(client, sim, sim.agent_start()).status_code == 200  # remembers the key
+        body = {"reason": "disk replaced, key lost"}
+        rekey = f"/v1/hosts/{sim.host_id}/rekey"
+        assert other.post(rekey, json=body, headers=bearer(tokens["operator"])).status_code == 200
+        sim.new_key()
+        assert enroll(other, sim, enroll_token).status_code == 201
+        answer = send(client, sim, sim.agent_start(), sim.heartbeat())
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["last_seq"] == 2
+        forged = SimHost(host_id=sim.host_id)  # a third key still fails, after the re-read
+        forged.seq, forged.prev = sim.seq, sim.prev
+        assert_error(send(client, forged, forged.heartbeat()), 401, "bad_signature")

@@ -1,12 +1,12 @@
-"""Two collector replicas on one PostgreSQL: the same reports sent to both are processed
-once, and jobs are claimed once, even when a worker is killed holding a lease."""
+"""Two collector replicas on one database (PostgreSQL, or one SQLite file as a collector's worker
+processes share it): the same reports sent to both are processed once, and jobs are claimed
+once, even when a worker is killed holding a lease."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -19,12 +19,13 @@ from collector import auth
 from collector.model import HostState, JobSpec, JobState
 from collector.store import SqlStore
 from tests.collector.hosts import SimHost, file_drift
-from tests.collector.servers import REPO, Server
+from tests.collector.servers import REPO, Server, send_at_once
 
 pytestmark = [
-    pytest.mark.postgres,
     pytest.mark.slow,
-    pytest.mark.parametrize("db_url", ["postgresql"], indirect=True),
+    pytest.mark.parametrize(
+        "db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True
+    ),
 ]
 
 
@@ -37,18 +38,6 @@ def test_the_same_reports_at_two_replicas_are_processed_once(
         for host in hosts:
             assert requests.post(a.url + "/v1/enroll", json=host.enrollment(token)).ok
         statuses: dict[tuple[str, int], list[str]] = {}
-        lock = threading.Lock()
-
-        def post(server: Server, batch: dict[str, object], gate: threading.Barrier) -> None:
-            gate.wait()
-            answer = requests.post(server.url + "/v1/reports", json=batch, timeout=30)
-            assert answer.status_code == 200, answer.text
-            with lock:
-                for ack in answer.json()["acks"]:
-                    statuses.setdefault((str(batch["host_id"]), ack["seq"]), []).append(
-                        ack["status"]
-                    )
-
         for round_ in range(10):
             batches = []
             for host in hosts:
@@ -56,16 +45,7 @@ def test_the_same_reports_at_two_replicas_are_processed_once(
                 if round_ == 5:
                     envs.append(host.finding(file_drift("/etc/sudoers")))
                 batches.append(host.batch(*envs))
-            gate = threading.Barrier(2 * len(batches))
-            threads = [
-                threading.Thread(target=post, args=(server, batch, gate))
-                for batch in batches
-                for server in (a, b)
-            ]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(60)
+            statuses.update(send_at_once([a.url, b.url], batches))
         assert statuses and all(
             sorted(s) == ["accepted", "duplicate"] for s in statuses.values()
         ), statuses

@@ -1,0 +1,174 @@
+"""Serving the API: one process, or ``[server] processes`` worker processes on one socket.
+
+The collector's Python runs on one core at a time per process, so a machine with several cores
+serves ingest with several processes. The parent binds the listening socket, brings the
+database schema up to date, then forks its workers; each opens its own store, runs its own
+group commit writer and job worker, and accepts connections from the shared socket (the kernel
+hands each connection to one of them). Nothing is shared in memory: everything the workers
+agree on lives in the database, as it does between replicas on PostgreSQL —
+
+- SQLite: one write transaction at a time across the processes (``SqliteStore``'s lock file,
+  then ``BEGIN IMMEDIATE``), so a job is claimed by one worker and a host's batch is checked
+  against its chain tip by one writer at a time;
+- PostgreSQL: host rows are locked (``FOR UPDATE``), jobs claimed with ``SKIP LOCKED``.
+
+The parent only supervises: SIGTERM or SIGINT stops the workers in order (each finishes what
+it has acknowledged to commit) and exits 0; a worker that dies stops the others and the parent
+exits 1, so systemd restarts the whole service. A worker whose parent dies (``kill -9``) is
+killed with it by the kernel (``PR_SET_PDEATHSIG``): it acknowledged only what it committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import sys
+from typing import Any, Final
+
+import structlog
+import uvicorn
+
+from collector.api import create_app
+from collector.config import Config
+from collector.errors import EXIT_ERROR, EXIT_OK
+from collector.store import open_store
+
+log = structlog.get_logger(__name__)
+
+GRACEFUL_S: Final = 10
+_STOP_SIGNALS: Final = {signal.SIGTERM, signal.SIGINT}
+_WATCHED: Final = {*_STOP_SIGNALS, signal.SIGCHLD}
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def run(config: Config) -> int:
+    """Serve until stopped; the exit status."""
+    processes = config.server.process_count()
+    if processes == 1:
+        _serve(config, sockets=None)
+        return EXIT_OK
+    open_store(config.database.url, pool_size=1).close()  # migrate once, before the workers
+    host, port = config.server.host_port()
+    listener = _bind(host, port)
+    log.info("collector_processes", processes=processes, listen=config.server.listen)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
+    workers: dict[int, int] = {}  # pid -> worker number
+    try:
+        for number in range(processes):
+            workers[_fork(config, listener, number, previous)] = number
+        listener.close()
+        return _supervise(workers)
+    finally:
+        _stop(workers)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _serve(config: Config, *, sockets: list[socket.socket] | None) -> None:
+    """One process's server: its own store, application, writer and job worker."""
+    store = open_store(
+        config.database.url, pool_size=config.database.pool_size, migrate=sockets is None
+    )
+    try:
+        host, port = config.server.host_port()
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(config, store=store),
+                host=host,
+                port=port,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_S,
+            )
+        )
+        server.run(sockets=sockets)
+    finally:
+        store.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, port))
+    listener.listen(2048)
+    listener.set_inheritable(True)
+    return listener
+
+
+def _fork(config: Config, listener: socket.socket, number: int, mask: set[Any]) -> int:
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    status = EXIT_ERROR
+    try:
+        _die_with(parent)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        structlog.contextvars.bind_contextvars(worker=number)
+        _serve(config, sockets=[listener])
+        status = EXIT_OK
+    except BaseException:
+        log.exception("collector_worker_failed", worker=number)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:  # pragma: no cover
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(EXIT_ERROR)
+
+
+def _supervise(workers: dict[int, int]) -> int:
+    """Wait for a stop signal (exit 0) or a worker's death (exit 1)."""
+    while True:
+        info = signal.sigtimedwait(_WATCHED, 1.0)
+        if info is not None and info.si_signo in _STOP_SIGNALS:
+            log.info("collector_stopping", signal=signal.Signals(info.si_signo).name)
+            return EXIT_OK
+        for pid, status in _reap(workers):
+            log.error(
+                "collector_worker_exited",
+                worker=workers.pop(pid),
+                pid=pid,
+                status=os.waitstatus_to_exitcode(status),
+            )
+            return EXIT_ERROR
+
+
+def _reap(workers: dict[int, int]) -> list[tuple[int, int]]:
+    ended = []
+    for pid in list(workers):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            ended.append((pid, status))
+    return ended
+
+
+def _stop(workers: dict[int, int]) -> None:
+    """SIGTERM every worker (each drains, commits and closes), then wait; SIGKILL stragglers."""
+    for pid in workers:
+        _signal(pid, signal.SIGTERM)
+    deadline_s = GRACEFUL_S + 20.0
+    while workers and deadline_s > 0:
+        for pid, _ in _reap(workers):
+            workers.pop(pid)
+        if workers:
+            signal.sigtimedwait({signal.SIGCHLD}, 0.2)
+            deadline_s -= 0.2
+    for pid in workers:  # pragma: no cover - a worker that would not stop
+        _signal(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def _signal(pid: int, signum: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already gone
+        os.kill(pid, signum)
