@@ -1,6 +1,7 @@
 """Prometheus metrics (``/metrics``): hosts by state, ingest rate, refusals by reason, job
-queue depths. Counters live in this process; gauges are read from the store at each scrape,
-so every replica reports the same fleet."""
+queue depths, and the response's rails (``collector.response.metrics``). Counters live in this
+process; gauges are read from the store at each scrape, so every replica reports the same
+fleet."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from collector.model import HostState, JobState
-from collector.store import Store
+from collector.response.metrics import RailGauges
+from collector.store import SqlStore, Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -62,6 +64,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_StoreGauges(store))
+        if isinstance(store, SqlStore):
+            self.registry.register(RailGauges(store))
 
     def envelope(self, kind: str, status: str) -> None:
         self._envelopes.labels(kind, status).inc()

@@ -107,6 +107,10 @@ class SqlStore:
     def _read(self) -> AbstractContextManager[Connection]:
         return self._connect(write=False)
 
+    def read(self) -> AbstractContextManager[Connection]:
+        """A connection for reads that need no write lock (metrics gauges, reports)."""
+        return self._read()
+
     def _migration_lock(self, conn: Connection) -> None:
         """Serialise concurrent migrations (several replicas starting at once)."""
 

@@ -142,6 +142,13 @@ def test_storm_breaker_pauses_the_pool_and_pages_once(
     grouped = [d.host_id for d in fleet.decisions() if d.decision == "alert_grouped"]
     assert sorted(grouped) == stormy[4:]
     assert [d.decision for d in fleet.decisions(pool="web")].count("storm_tripped") == 1
+    with fleet.client() as client:  # the rails on /metrics, read from the store
+        metrics = client.get("/metrics", headers=fleet.token(Role.VIEWER, "grafana")).text
+    assert 'driftwarden_holds_open{kind="storm",scope="pool"} 1.0' in metrics
+    assert 'driftwarden_replacements_open{pool="web",state="blocked"} 12.0' in metrics
+    assert 'driftwarden_incidents_firing{cause="drift"} 4.0' in metrics  # the four host pages
+    assert f'driftwarden_incidents_firing{{cause="{pool_page.cause}"}} 1.0' in metrics
+    assert 'driftwarden_rail_decisions_total{decision="storm_tripped"} 1.0' in metrics
 
     # a different drift in the paused pool still pages on its own, and still waits
     fleet.drift(hosts[20], "/etc/hosts")
