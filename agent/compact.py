@@ -10,6 +10,8 @@ walk in manifest order decompresses each block about once. A hash collision cost
 block; the path itself is always compared.
 
 Read-only and thread-safe: the guard and the rescanner look up paths from their threads.
+Picklable (the index and the blocks, not the cache): the boot check builds it in a child
+process and hands it over.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 from agent import record
 
@@ -65,6 +67,16 @@ class CompactLines(Mapping[str, str]):
         del order, hashes, block_of
         self._blocks = blocks
         self._cache: OrderedDict[int, dict[str, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"hashes": self._hashes, "block_of": self._block_of, "blocks": self._blocks}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._hashes = state["hashes"]
+        self._block_of = state["block_of"]
+        self._blocks = state["blocks"]
+        self._cache = OrderedDict()
         self._lock = threading.Lock()
 
     @property

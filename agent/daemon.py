@@ -239,32 +239,35 @@ class Daemon:
 
         self._image = bootcheck.image_of(agent, self.identity)
         self._start_sender(key)
+        check = self._boot_check(first_boot)
+        clean = check.clean
+        if not self.once:
+            self._sources = self._make_sources(check)
+            self._watchers = Watchers(self.config, check, self._outbox, first_boot=first_boot)
+            _release_memory()  # before the watchers start, so nothing of theirs pins the check's
+            self._watchers.start()
+        # Reported once the guard runs, so that it names the watch backend actually in use;
+        # what the watchers find meanwhile waits in the outbox and follows the boot report.
         self.reporter.report(
             "agent_start",
             {
                 "version": agent_version(),
                 "pid": os.getpid(),
                 "previous_stop": previous_stop,
-                "watch_backend": "none",  # the guard starts after the boot check
+                "watch_backend": self._watch_backend(),
                 "image": self._image,
             },
         )
-        check = self._boot_check(first_boot)
         if check.body is not None:
             self.reporter.report("boot", check.body)
         for finding in check.integrity:
             self.reporter.report("finding", {"source": "integrity", "findings": [finding]})
         if self.once:
-            self._ready(previous_stop, first_boot, clean=check.clean)
+            self._ready(previous_stop, first_boot, clean=clean)
             self._heartbeat()
             self.shutdown("shutdown")
             return _once_exit_code(check, baseline_configured=agent.baseline is not None)
-        clean = check.clean
-        self._sources = self._make_sources(check)
-        self._watchers = Watchers(self.config, check, self._outbox, first_boot=first_boot)
-        del check  # the loaded baseline goes; the judge keeps it compacted
-        _release_memory()  # before the watchers start, so nothing of theirs pins the check's
-        self._watchers.start()
+        del check  # what the check loaded goes; the judge keeps the baseline compacted
         self._ready(previous_stop, first_boot, clean=clean)
         self._loop()
         return EXIT_OK
@@ -283,8 +286,9 @@ class Daemon:
     def _boot_check(self, first_boot: bool) -> bootcheck.BootCheck:
         """The boot check; whatever goes wrong is reported, and the agent keeps running."""
         args = (self.identity, self.config.agent)
+        run = bootcheck.run if self.once else bootcheck.run_apart  # once: no idle to keep lean
         try:
-            return bootcheck.run(self.config.agent, first_boot=first_boot, identity=self.identity)
+            return run(self.config.agent, first_boot=first_boot, identity=self.identity)
         except ConfigError:
             raise
         except UntrustedError as exc:
@@ -380,6 +384,9 @@ class Daemon:
         """Queue durably what the watching parts found (they hand it over, never write)."""
         for source, findings in self._outbox.drain():
             self.reporter.report("finding", {"source": source, "findings": findings})
+
+    def _watch_backend(self) -> str:
+        return self._watchers.health().watch_backend if self._watchers else "none"
 
     def health(self) -> dict[str, Any]:
         spool = self.reporter.spool.health()

@@ -12,6 +12,8 @@ from typing import Any
 
 import structlog
 
+_settings: dict[str, Any] = {}
+
 _SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
@@ -23,6 +25,7 @@ def configure(service: str, *, level: str = "info", json_lines: bool | None = No
     """Route structlog and stdlib logging to stderr; bind ``service`` to every event."""
     if json_lines is None:
         json_lines = not sys.stderr.isatty()
+    _settings.update(service=service, level=level, json_lines=json_lines)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_lines
@@ -53,3 +56,9 @@ def configure(service: str, *, level: str = "info", json_lines: bool | None = No
     )
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(service=service)
+
+
+def settings() -> dict[str, Any]:
+    """The arguments of the last ``configure`` (empty before it), for a child process of the
+    agent to log the same way."""
+    return dict(_settings)

@@ -558,6 +558,8 @@ def test_a_change_while_running_arrives_as_a_signed_realtime_finding(
     envs = receiver.envelopes(MACHINE_ID)
     key = keys.load_public(guarded["state"] / "host-key.pem.pub")
     wire.verify_chain([e.to_json() for e in envs], key)  # signed, chained, no gap
+    assert [e.kind for e in envs[:2]] == ["agent_start", "boot"]
+    assert envs[0].body["watch_backend"] == backend  # the backend in use, named from the start
     assert envs[-1].kind == "agent_stop"
     reported = {f.get("path") for e in envs if e.kind == "finding" for f in e.body["findings"]}
     assert reported == {"/etc/passwd"}  # not the log, the state directory or the manifest
