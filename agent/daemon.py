@@ -158,6 +158,23 @@ def _once_exit_code(check: bootcheck.BootCheck, *, baseline_configured: bool) ->
     return EXIT_DRIFT if check.body is not None and not check.clean else EXIT_OK
 
 
+_M_TRIM_THRESHOLD: Final = -1
+_M_MMAP_THRESHOLD: Final = -3
+_MMAP_THRESHOLD_BYTES: Final = 256 << 10
+
+
+def _steady_allocator() -> None:
+    """Have glibc's malloc give large blocks back at once: buffers of 256 KiB and more (a
+    re-hash chunk, a decompressed manifest block) are mapped and unmapped, never kept in a
+    heap. Set explicitly, the threshold no longer rises to the largest block ever freed,
+    which left a megabyte or two of a worker thread's heap resident for good."""
+    libc = ctypes.CDLL(None)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        mallopt(_M_TRIM_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
 def _release_memory() -> None:
     """Give what the boot check used back to the system: collect, then trim the C heap
     (glibc's ``malloc_trim``; elsewhere, collecting is all there is)."""
@@ -200,6 +217,7 @@ class Daemon:
     # --- start -----------------------------------------------------------------------------
 
     def run(self) -> int:
+        _steady_allocator()
         self._signals.install()
         try:
             return self._run()

@@ -176,7 +176,7 @@ def hash_budgeted(
         # No readahead: pages read ahead would look cached to the next read and stay.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         hasher = hashlib.sha256()
-        view = memoryview(bytearray(chunk_bytes))
+        view = memoryview(bytearray(min(chunk_bytes, _whole_pages(before.st_size))))
         offset, size = 0, before.st_size
         while offset < size:
             want = min(chunk_bytes, size - offset)
@@ -214,6 +214,12 @@ def resident(fd: int, offset: int, length: int) -> list[bool]:
         return [bool(b & 1) for b in vec.raw[:pages]]
     finally:
         _libc.munmap(addr, length)
+
+
+def _whole_pages(size_bytes: int) -> int:
+    """A buffer for ``size_bytes``: whole pages, at least one (a small file's read does not
+    zero, and leave to the allocator, a whole chunk)."""
+    return max(PAGE_BYTES, -(-size_bytes // PAGE_BYTES) * PAGE_BYTES)
 
 
 def _read_uncached(fd: int, view: memoryview, offset: int) -> int:
