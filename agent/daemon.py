@@ -50,7 +50,6 @@ from agent.policy import load_policy
 from agent.reporter import Reporter
 from agent.sdnotify import Notifier
 from agent.sender import CollectorClient, Enrollment, Sender
-from agent.sources import LoginSource
 from agent.spool import Spool
 from agent.watchers import Outbox, Watchers
 
@@ -323,6 +322,8 @@ class Daemon:
         """The event sources the loop polls (the watching parts run on their own threads)."""
         sources: list[Source] = []
         if self.config.logins.watch:
+            from agent.sources import LoginSource  # psutil (utmp): only when logins are watched
+
             mode = check.policy.ssh_login if check.policy else "taint"
             sources.append(
                 LoginSource(self.config.agent.state_dir, self.config.logins, ssh_login=mode)

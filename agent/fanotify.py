@@ -26,9 +26,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import psutil
 import structlog
 
 from agent.errors import advice
@@ -36,6 +35,9 @@ from agent.inotify import mutable_below
 from agent.judge import Judge
 from agent.mounts import MountTable
 from agent.worker import Sink
+
+if TYPE_CHECKING:
+    import psutil
 
 NAME: Final = "fanotify"
 
@@ -155,6 +157,8 @@ def ssh_session(proc: psutil.Process) -> SshSession | None:
     """The SSH session ``proc`` descends from: its nearest ancestor titled like sshd's
     per-session process (``sshd: alice@pts/0``; OpenSSH >= 9.8: ``sshd-session: …``),
     preferring one with a terminal or ``notty`` over the privileged ``[priv]`` one."""
+    import psutil
+
     privileged: SshSession | None = None
     for parent in [proc, *proc.parents()]:
         try:
@@ -173,6 +177,8 @@ def ssh_session(proc: psutil.Process) -> SshSession | None:
 
 def describe_process(pid: int) -> dict[str, Any]:
     """What can be learnt of process ``pid`` now: ``exited`` when it is gone already."""
+    import psutil  # on the first change: a guard with nothing to report never loads it
+
     out: dict[str, Any] = {"pid": pid, "exited": False}
     try:
         proc = psutil.Process(pid)
