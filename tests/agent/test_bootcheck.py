@@ -47,6 +47,10 @@ def test_the_child_hands_back_the_check_with_the_baseline_compacted(image: Agent
     assert apart.result is not None and here.result is not None
     assert isinstance(apart.result.baseline._lines, CompactLines)
     assert dict(apart.result.baseline._lines.items()) == dict(here.result.baseline._lines.items())
+    for path in here.result.baseline.paths():  # the index holds in this process too
+        assert apart.result.baseline.get(path) == here.result.baseline.get(path)
+    assert apart.result.baseline.get("/etc/nothing") is None
+    assert apart.result.baseline.compact() is apart.result.baseline  # not compacted twice
     assert apart.result.findings == here.result.findings
     assert apart.result.packages == here.result.packages
     assert apart.policy is not None and apart.policy.name == "test-image"
