@@ -52,6 +52,7 @@ from agent.sdnotify import Notifier
 from agent.sender import CollectorClient, Enrollment, Sender
 from agent.spool import Spool
 from agent.watchers import Outbox, Watchers
+from agent.worker import integrity_finding
 
 LIFECYCLE_FILE: Final = "lifecycle.json"
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
@@ -74,6 +75,8 @@ class Source(Protocol):
     def poll(self) -> list[dict[str, Any]]: ...  # wire findings, never blocks
 
     def commit(self) -> None: ...  # the findings of the last poll are queued durably
+
+    def failures(self) -> list[dict[str, Any]]: ...  # integrity findings, each reported once
 
     def close(self) -> None: ...
 
@@ -205,6 +208,7 @@ class Daemon:
         self._signals = SignalReceiver()
         self._notifier = Notifier(self._environ)
         self._sources: list[Source] = []
+        self._failed_sources: dict[str, str] = {}  # name: why, while a source's poll fails
         self._outbox = Outbox(self._signals.wake)
         self._watchers: Watchers | None = None
         self._sender: Sender | None = None
@@ -389,15 +393,33 @@ class Daemon:
         for source in self._sources:
             try:
                 findings = source.poll()
-            except Exception:  # one broken source must not stop the others
+            except Exception as exc:  # one broken source must not stop the others
                 log.exception("source_failed", source=source.name)
+                self._source_failed(source.name, f"{type(exc).__name__}: {exc}")
                 continue
+            if self._failed_sources.pop(source.name, None) is not None:
+                log.info("source_recovered", source=source.name)
             if findings:
                 self.reporter.report("finding", {"source": source.name, "findings": findings})
             try:
                 source.commit()
             except Exception:
                 log.exception("source_commit_failed", source=source.name)
+            troubles = source.failures()
+            if troubles:
+                self.reporter.report("finding", {"source": "integrity", "findings": troubles})
+
+    def _source_failed(self, name: str, why: str) -> None:
+        """A source that fails is polled again; it is reported once until it recovers."""
+        if name in self._failed_sources:
+            return
+        self._failed_sources[name] = why
+        detail = (
+            f"the {name} source failed ({why}): what it would have seen may be missing "
+            "(integrity unknown) until it recovers; it is polled again"
+        )
+        finding = integrity_finding(f"{name}_source_failed", detail)
+        self.reporter.report("finding", {"source": "integrity", "findings": [finding]})
 
     def _report_emitted(self) -> None:
         """Queue durably what the watching parts found (they hand it over, never write)."""

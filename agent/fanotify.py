@@ -347,7 +347,21 @@ class FanotifyBackend:
             raise OSError(err, f"fanotify_mark {full}: {os.strerror(err)}")
         self._mount_fds[fsid] = os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
+    def failure(self) -> str | None:
+        thread = self._thread
+        if thread is None or thread.is_alive():
+            return None
+        return "the fanotify reader thread has ended"
+
     def _read_loop(self) -> None:
+        try:
+            self._read_events()
+        except Exception as exc:  # the guard hears of it and falls back to rescans
+            log.exception("fanotify_reader_failed")
+            detail = f"the fanotify reader failed: {type(exc).__name__}: {exc}"
+            self.sink.unwatched(NAME, "backend_failed", detail)
+
+    def _read_events(self) -> None:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -361,7 +375,8 @@ class FanotifyBackend:
                 continue
             except OSError as exc:
                 log.error("fanotify_read_failed", error=advice(exc))
-                self.sink.unwatched(NAME, "watch_failed", f"fanotify read: {advice(exc)}")
+                detail = f"the fanotify reader failed: {advice(exc)}"
+                self.sink.unwatched(NAME, "backend_failed", detail)
                 return
             for event in parse_events(data):
                 try:

@@ -484,6 +484,26 @@ def test_an_ssh_login_is_reported_with_the_policy_verdict(
     assert saved  # the position is kept, so a restart does not report it again
 
 
+def test_a_failing_login_source_is_reported_once_and_the_agent_goes_on(
+    runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    auth_log = tmp_path / "auth.log"
+    auth_log.mkdir()  # what should be sshd's log cannot be read
+    config = runner.config(root, receiver.url, poll_interval_s=0.02, heartbeat_interval_s=0.2)
+    with config.open("a") as fh:
+        fh.write(f'[logins]\nauth_logs = ["{auth_log}"]\njournal = false\nutmp = false\n')
+    proc = runner.start("--config", str(config))
+    receiver.wait_for(lambda rx: len([e for e in rx.envelopes() if e.kind == "heartbeat"]) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, runner.log(0)
+
+    failed = [f for f in _findings(receiver, "integrity") if f["reason"] == "login_source_failed"]
+    assert len(failed) == 1, failed  # once, though the source failed at every poll
+    assert f"the authlog:{auth_log} login source failed" in failed[0]["detail"]
+    assert "integrity unknown" in failed[0]["detail"]
+    assert receiver.envelopes()[-1].kind == "agent_stop"
+
+
 # --- the realtime guard ----------------------------------------------------------------------
 
 

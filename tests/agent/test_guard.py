@@ -332,3 +332,86 @@ def test_watch_limit_is_reported_with_advice_and_rescans_take_over(tmp_path: Pat
             child.kill()
             child.wait()
         child.stdout.close()
+
+
+# --- a backend that dies -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["inotify", pytest.param("fanotify", marks=pytest.mark.root)])
+def test_a_backend_whose_reader_dies_is_reported_and_rescans_take_over(
+    tmp_path: Path, backend: str
+) -> None:
+    if backend == "fanotify":
+        usable, why = fanotify.available()
+        if not usable:
+            pytest.skip(why)
+    img = image(tmp_path)
+    found = Recorder()
+    judge = img.judge()
+    rescans = RescanConfig(
+        metadata_interval_s=3600, full_rehash_period_s=1e9, fallback_interval_s=0.2
+    )
+    rescanner = Rescanner(judge, found, config=rescans)
+    guard = Guard(judge, found, rescanner, config=GuardConfig(backend=backend))
+    guard.start()
+    rescanner.start()
+    try:
+        assert guard.backend is not None and guard.health().backend == backend
+        # The reader's descriptor becomes a directory's: its next read fails (EISDIR).
+        reader_fd = guard.backend._fd if backend == "fanotify" else guard.backend._fd._inotify_fd  # type: ignore[attr-defined]
+        directory = os.open(img.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with capture_logs():
+                os.dup2(directory, reader_fd)
+                (img.root / "etc" / "hostname").write_text("woken\n")  # something to read
+                source, finding = found.wait_for(lambda _s, f: f.get("type") == "integrity")
+        finally:
+            os.close(directory)
+        assert (source, finding["reason"], finding["severity"]) == (
+            "integrity",
+            f"{backend}_failed",
+            "warning",
+        )
+        assert f"the {backend} reader failed" in finding["detail"]
+        assert "falling back to frequent rescans" in finding["detail"]
+        wait_until(lambda: guard.health().backend == "polling", what="the guard to fall back")
+        assert rescanner.health().degraded == f"{backend}_failed"
+        # Nothing watches in realtime any more, and still a change is found: by a rescan.
+        (img.root / "etc" / "passwd").write_text("mallory:x:0:0::/:/bin/sh\n")
+        source, _ = found.wait_for(lambda s, f: f.get("path") == "/etc/passwd")
+        assert source == "rescan"
+        assert guard.running
+    finally:
+        guard.stop()
+        rescanner.stop()
+
+
+@pytest.mark.root
+def test_a_reader_thread_that_ends_without_a_word_is_noticed(tmp_path: Path) -> None:
+    usable, why = fanotify.available()
+    if not usable:
+        pytest.skip(why)
+    img = image(tmp_path)
+    found = Recorder()
+    judge = img.judge()
+    rescanner = Rescanner(judge, found, config=QUIET)
+    guard = Guard(
+        judge, found, rescanner, config=GuardConfig(backend="fanotify", check_interval_s=0.05)
+    )
+    guard.start()
+    try:
+        backend = guard.backend
+        assert isinstance(backend, fanotify.FanotifyBackend)
+        backend._stopping.set()  # its reader ends, and nobody told the guard
+        os.write(backend._wake_w, b"x")
+        with capture_logs() as logs:
+            _, finding = found.wait_for(lambda _s, f: f.get("type") == "integrity")
+        assert finding["reason"] == "fanotify_failed"
+        assert finding["detail"].startswith("the fanotify reader thread has ended")
+        assert [e["failure"] for e in logs if e["event"] == "guard_backend_died"] == [
+            "the fanotify reader thread has ended"
+        ]
+        assert guard.health().backend == "polling" and guard.running
+    finally:
+        guard.stop()
+        rescanner.stop()
