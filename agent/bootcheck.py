@@ -18,6 +18,7 @@ daemon's go, with the same context.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import subprocess
@@ -30,6 +31,7 @@ import structlog
 from agent import errors, keys, logs, wire
 from agent.baseline import CheckResult, run_check
 from agent.config import AgentSection
+from agent.errors import advice
 from agent.identity import Identity
 from agent.policy import Policy
 
@@ -75,6 +77,20 @@ def failed(reason: str, detail: str, ident: Identity, section: AgentSection) -> 
     )
 
 
+def _policy_override(section: AgentSection, policy: Policy) -> dict[str, Any] | None:
+    """What judged instead of the policy baked into the manifest (``[agent] policy``), or
+    None: the boot report says so, since the image's own rules were not the ones applied."""
+    if section.policy is None:
+        return None
+    try:
+        digest = "sha256:" + hashlib.sha256(section.policy.read_bytes()).hexdigest()
+    except OSError as exc:
+        digest = ""
+        log.error("policy_override_unreadable", path=str(section.policy), error=advice(exc))
+    log.warning("policy_override", path=str(section.policy), policy=policy.name, digest=digest)
+    return {"path": str(section.policy), "name": policy.name, "digest": digest}
+
+
 def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootCheck:
     """Verify the manifest and measure the root; raises ``UntrustedError`` on a bad signature."""
     image = image_of(section, identity)
@@ -108,6 +124,7 @@ def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootC
         "seconds": round(result.seconds, 3),
         "policy": policy.name,
     }
+    override = _policy_override(section, policy)
     body = {
         "first_boot": first_boot,
         "baseline": {
@@ -116,6 +133,7 @@ def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootC
             "policy_digest": statement["policy_digest"],
             "key_id": statement.get("key_id") or "",
             "signed": public_key is not None,
+            "policy_override": override,
         },
         "measured_root": "",
         "clean": clean,

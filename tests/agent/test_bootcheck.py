@@ -3,6 +3,8 @@ the baseline compacted, and failing the same ways."""
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,21 @@ def test_the_child_logs_with_the_daemons_context(
     lines = [line for line in capfd.readouterr().err.splitlines() if "boot_check_finished" in line]
     assert len(lines) == 1
     assert '"host_id": "host-1"' in lines[0] and '"service": "driftwarden-agent"' in lines[0]
+
+
+def test_the_boot_report_says_when_a_local_policy_judged_instead_of_the_baked_one(
+    image: AgentSection, tmp_path: Path
+) -> None:
+    baked = bootcheck.run(image, first_boot=False, identity=IDENTITY)
+    assert baked.body is not None and baked.body["baseline"]["policy_override"] is None
+
+    local = tmp_path / "local.toml"
+    local.write_text(imagetree.POLICY.replace('name = "test-image"', 'name = "local-rules"'))
+    section = replace(image, policy=local)
+    check = bootcheck.run_apart(section, first_boot=False, identity=IDENTITY)
+    assert check.body is not None
+    override = check.body["baseline"]["policy_override"]
+    digest = "sha256:" + hashlib.sha256(local.read_bytes()).hexdigest()
+    assert override == {"path": str(local), "name": "local-rules", "digest": digest}
+    assert check.body["stats"]["policy"] == "local-rules"
+    assert check.policy is not None and check.policy.name == "local-rules"
