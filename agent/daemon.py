@@ -34,7 +34,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from agent import bootcheck, durable, identity, keys
-from agent.config import AgentConfig, load_config
+from agent.config import ENROLL_TOKEN_ENV, AgentConfig, load_config
 from agent.errors import (
     EXIT_DRIFT,
     EXIT_ERROR,
@@ -49,7 +49,7 @@ from agent.errors import (
 from agent.policy import load_policy
 from agent.reporter import Reporter
 from agent.sdnotify import Notifier
-from agent.sender import CollectorClient, Enrollment, Sender
+from agent.sender import ENROLL_FILE, CollectorClient, Enrollment, Sender
 from agent.spool import Spool
 from agent.watchers import Outbox, Watchers
 from agent.worker import integrity_finding
@@ -340,13 +340,15 @@ class Daemon:
             log.warning("collector_not_configured", advice="reports stay in the spool")
             return
         self._client = CollectorClient(collector)
+        from_file = not collector.enroll_token and not self._environ.get(ENROLL_TOKEN_ENV)
         enrollment = Enrollment(
             self.config.agent.state_dir,
             self._client,
             key,
             host_id=self.identity.host_id,
-            token=self.config.token(),
+            token=lambda: self.config.token(self._environ),  # read only to enroll
             facts=self._facts,
+            token_file=collector.enroll_token_file if from_file else None,
         )
         self._sender = Sender(self.reporter, self._client, enrollment, collector)
         self._sender.start()
@@ -497,7 +499,7 @@ class Daemon:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("root", "baseline", "state_dir", "collector", "enroll_token")
+    names = ("root", "baseline", "state_dir", "collector", "enroll_token", "enroll_token_file")
     return {name: getattr(args, name, None) for name in names}
 
 
@@ -520,10 +522,17 @@ def preflight(config: AgentConfig) -> None:
             raise ConfigError(f"[agent] pipeline_public_key: {exc}") from exc
     if config.agent.policy is not None:
         load_policy(config.agent.policy)
-    config.token()  # a token file must be readable
+    if not (config.agent.state_dir / ENROLL_FILE).exists():
+        config.token()  # to enroll, a token file must be readable; once enrolled it is not read
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if getattr(args, "enroll_token", None):
+        log.warning(
+            "enroll_token_argument_deprecated",
+            advice="a token on the command line shows in ps: use --enroll-token-file or "
+            "DRIFTWARDEN_ENROLL_TOKEN",
+        )
     config = load_config(_config_path(args), _resolved(_overrides(args)))
     preflight(config)
     return Daemon(config, once=bool(args.once)).run()

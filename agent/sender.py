@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import durable, keys, wire
 from agent.config import CollectorSection, Secret
-from agent.errors import CollectorError, SpoolError, advice
+from agent.errors import AgentError, CollectorError, SpoolError, advice
 from agent.reporter import Reporter
 
 ENROLL_FILE: Final = "enrollment.json"
@@ -201,15 +201,19 @@ class Enrollment:
         key: Ed25519PrivateKey,
         *,
         host_id: str,
-        token: Secret,
+        token: Secret | Callable[[], Secret],
         facts: Callable[[], Mapping[str, Any]],
+        token_file: Path | None = None,
     ) -> None:
+        """``token``: the token, or where to get it when it is needed (only to enroll).
+        ``token_file``: the file it came from, removed once enrolled."""
         self._path = state_dir / ENROLL_FILE
         self._client = client
         self._key = key
         self._raw = keys.public_raw(key.public_key())
         self._host_id = host_id
         self._token = token
+        self._token_file = token_file
         self._facts = facts
         self.key_id = wire.key_id(self._raw)
 
@@ -224,15 +228,24 @@ class Enrollment:
             return False
         return isinstance(saved, dict) and all(saved.get(k) == v for k, v in self._ours().items())
 
+    def _secret(self) -> Secret:
+        if isinstance(self._token, Secret):
+            return self._token
+        try:
+            return self._token()
+        except AgentError as exc:  # the token file is gone (removed after the last enrollment)
+            raise EnrollmentRefused(f"no enrollment token: {exc}") from exc
+
     def enroll(self) -> dict[str, Any]:
-        if not self._token:
+        token = self._secret()
+        if not token:
             raise EnrollmentRefused(
-                "not enrolled and no enrollment token: set [collector] enroll_token or "
-                "enroll_token_file, or pass --enroll-token"
+                "not enrolled and no enrollment token: set [collector] enroll_token_file or "
+                "DRIFTWARDEN_ENROLL_TOKEN"
             )
         request = wire.make_enrollment(
             self._key,
-            token=self._token.reveal(),
+            token=token.reveal(),
             host_id=self._host_id,
             public_key_raw=self._raw,
             facts=self._facts(),
@@ -255,7 +268,28 @@ class Enrollment:
                 f"cannot record the enrollment: {advice(exc)}", path=self._path
             ) from exc
         log.info("enrolled", url=self._client.url, key_id=self.key_id, **tip)
+        self._remove_token_file()
         return tip
+
+    def _remove_token_file(self) -> None:
+        """A spent secret should not lie on disk: once enrolled the agent never reads the
+        token file again, and removes it where it may."""
+        path = self._token_file
+        if path is None:
+            return
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning(
+                "enroll_token_file_kept",
+                path=str(path),
+                error=advice(exc),
+                advice="remove it: the agent no longer needs it",
+            )
+            return
+        log.info("enroll_token_file_removed", path=str(path))
 
     def forget(self) -> None:
         try:

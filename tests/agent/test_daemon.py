@@ -228,6 +228,54 @@ def test_token_never_reaches_the_log(
     assert receiver.enrollments
     log = runner.log(0)
     assert "enrolled" in log and secret not in log
+    (deprecated,) = [
+        e for e in _log_events(log) if e["event"] == "enroll_token_argument_deprecated"
+    ]
+    assert "--enroll-token-file" in deprecated["advice"]
+
+
+def test_the_token_file_is_removed_once_enrolled_and_not_needed_again(
+    runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    secret = "s3cret-" + os.urandom(4).hex()
+    receiver.tokens.add(secret)
+    token_file = tmp_path / "enroll.token"
+    token_file.write_text(secret + "\n")
+    args = [
+        "--once", "--root", str(root), "--state-dir", str(tmp_path / "state"),
+        "--collector", receiver.url, "--enroll-token-file", str(token_file),
+    ]  # fmt: skip
+    assert runner.start(*args).wait(60) == 0, runner.log(0)
+    assert len(receiver.enrollments) == 1
+    assert not token_file.exists()
+    assert [
+        e["path"] for e in _log_events(runner.log(0)) if e["event"] == "enroll_token_file_removed"
+    ] == [str(token_file)]
+    # The next start does not need it: it is enrolled.
+    assert runner.start(*args).wait(60) == 0, runner.log(1)
+    assert len(receiver.enrollments) == 1
+    assert not [e for e in _log_events(runner.log(1)) if e["level"] == "error"]
+    # Not enrolled (another state directory), the missing file is a configuration error.
+    args[args.index("--state-dir") + 1] = str(tmp_path / "other-state")
+    assert runner.start(*args).wait(60) == EXIT_CONFIG
+    assert "enroll_token_file cannot be read" in runner.log(2)
+
+
+def test_a_token_from_the_environment_is_not_in_the_command_line(
+    runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    secret = "s3cret-" + os.urandom(4).hex()
+    receiver.tokens.add(secret)
+    proc = runner.start(
+        "--root", str(root), "--state-dir", str(tmp_path / "state"), "--collector", receiver.url,
+        extra_env={"DRIFTWARDEN_ENROLL_TOKEN": secret},
+    )  # fmt: skip
+    receiver.wait_for(lambda rx: "agent_start" in rx.kinds())
+    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, runner.log(0)
+    assert receiver.enrollments and secret.encode() not in cmdline
+    assert secret not in runner.log(0)
 
 
 # --- identity --------------------------------------------------------------------------------
