@@ -279,7 +279,7 @@ def _check(config: AgentConfig, where: str, *, check_files: bool) -> None:
         ("[agent] pipeline_public_key", agent.pipeline_public_key),
         ("[agent] policy", agent.policy),
         ("[collector] ca_bundle", collector.ca_bundle),
-    )  # not enroll_token_file: removed once enrolled; read (and checked) only to enroll
+    )  # not enroll_token_file: read (and checked) only while the host is not enrolled
     for key, path in files if check_files else ():
         if path is not None and not path.is_file():
             raise ConfigError(f"{where}: {key} = '{path}' is not a readable file")

@@ -206,7 +206,7 @@ class Enrollment:
         token_file: Path | None = None,
     ) -> None:
         """``token``: the token, or where to get it when it is needed (only to enroll).
-        ``token_file``: the file it came from, removed once enrolled."""
+        ``token_file``: the file it came from, named in the log once it is spent."""
         self._path = state_dir / ENROLL_FILE
         self._client = client
         self._key = key
@@ -268,28 +268,13 @@ class Enrollment:
                 f"cannot record the enrollment: {advice(exc)}", path=self._path
             ) from exc
         log.info("enrolled", url=self._client.url, key_id=self.key_id, **tip)
-        self._remove_token_file()
-        return tip
-
-    def _remove_token_file(self) -> None:
-        """A spent secret should not lie on disk: once enrolled the agent never reads the
-        token file again, and removes it where it may."""
-        path = self._token_file
-        if path is None:
-            return
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            log.warning(
-                "enroll_token_file_kept",
-                path=str(path),
-                error=advice(exc),
-                advice="remove it: the agent no longer needs it",
+        if self._token_file is not None:
+            log.info(
+                "enroll_token_file_spent",
+                path=str(self._token_file),
+                advice="no longer read: it may be removed",
             )
-            return
-        log.info("enroll_token_file_removed", path=str(path))
+        return tip
 
     def forget(self) -> None:
         try:
