@@ -19,6 +19,7 @@ import errno
 import fnmatch
 import os
 import stat
+from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
@@ -180,6 +181,16 @@ def _is_dir(full: str) -> bool:
 # --- watchdog, with overflow and watch-limit detection ---------------------------------------
 
 
+def _run_telling(run: Callable[[], None], sink: Sink, what: str) -> None:
+    """Run a watchdog thread's loop; if it fails, tell the sink: nothing is watched any more,
+    and the guard falls back to rescans."""
+    try:
+        run()
+    except Exception as exc:
+        log.exception("inotify_thread_failed", thread=what)
+        sink.unwatched(NAME, "backend_failed", f"{what} failed: {type(exc).__name__}: {exc}")
+
+
 class _InotifyFD(InotifyFD):
     """watchdog's inotify instance, telling the sink about overflow and the watch limit."""
 
@@ -217,12 +228,7 @@ class _InotifyFD(InotifyFD):
         return len(self._watch_for_wd)
 
     def run(self) -> None:
-        try:
-            super().run()
-        except Exception as exc:  # the guard hears of it and falls back to rescans
-            log.exception("inotify_reader_failed")
-            detail = f"the inotify reader failed: {type(exc).__name__}: {exc}"
-            self.sink.unwatched(NAME, "backend_failed", detail)
+        _run_telling(super().run, self.sink, "the inotify reader")
 
 
 class _Observer(BaseObserver):
@@ -231,12 +237,7 @@ class _Observer(BaseObserver):
         self._inotify_fd = inotify_fd
 
     def run(self) -> None:
-        try:
-            super().run()
-        except Exception as exc:  # the guard hears of it and falls back to rescans
-            log.exception("inotify_observer_failed")
-            detail = f"the watchdog observer failed: {type(exc).__name__}: {exc}"
-            self._inotify_fd.sink.unwatched(NAME, "backend_failed", detail)
+        _run_telling(super().run, self._inotify_fd.sink, "the watchdog observer")
 
     def on_thread_stop(self) -> None:
         super().on_thread_stop()

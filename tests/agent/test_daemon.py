@@ -215,11 +215,17 @@ def test_bad_config_exits_78_naming_file_key_and_value(runner: Runner, tmp_path:
     assert "agent.toml: [collector] read_timeout_s = 'ten' is not a number" in runner.log(0)
 
 
+def _new_token(receiver: Receiver) -> str:
+    """A fresh enrollment token the receiver accepts."""
+    secret = "s3cret-" + os.urandom(4).hex()
+    receiver.tokens.add(secret)
+    return secret
+
+
 def test_token_never_reaches_the_log(
     runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
 ) -> None:
-    secret = "s3cret-" + os.urandom(4).hex()
-    receiver.tokens.add(secret)
+    secret = _new_token(receiver)
     proc = runner.start(
         "--once", "--root", str(root), "--state-dir", str(tmp_path / "state"),
         "--collector", receiver.url, "--enroll-token", secret,
@@ -237,8 +243,7 @@ def test_token_never_reaches_the_log(
 def test_the_token_file_is_read_only_to_enroll_and_not_needed_again(
     runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
 ) -> None:
-    secret = "s3cret-" + os.urandom(4).hex()
-    receiver.tokens.add(secret)
+    secret = _new_token(receiver)
     token_file = tmp_path / "enroll.token"
     token_file.write_text(secret + "\n")
     args = [
@@ -263,8 +268,7 @@ def test_the_token_file_is_read_only_to_enroll_and_not_needed_again(
 def test_a_token_from_the_environment_is_not_in_the_command_line(
     runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
 ) -> None:
-    secret = "s3cret-" + os.urandom(4).hex()
-    receiver.tokens.add(secret)
+    secret = _new_token(receiver)
     proc = runner.start(
         "--root", str(root), "--state-dir", str(tmp_path / "state"), "--collector", receiver.url,
         extra_env={"DRIFTWARDEN_ENROLL_TOKEN": secret},

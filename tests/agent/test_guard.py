@@ -44,12 +44,17 @@ class Guarded:
 
 
 @contextmanager
-def guarding(tmp_path: Path, backend: str, config: RescanConfig = QUIET) -> Iterator[Guarded]:
+def guarding(
+    tmp_path: Path,
+    backend: str,
+    config: RescanConfig = QUIET,
+    guard_config: GuardConfig | None = None,
+) -> Iterator[Guarded]:
     img = image(tmp_path)
     found = Recorder()
     judge = img.judge()
     rescanner = Rescanner(judge, found, config=config)
-    guard = Guard(judge, found, rescanner, config=GuardConfig(backend=backend))
+    guard = Guard(judge, found, rescanner, config=guard_config or GuardConfig(backend=backend))
     guard.start()
     try:
         yield Guarded(img, found, guard, rescanner)
@@ -345,17 +350,12 @@ def test_a_backend_whose_reader_dies_is_reported_and_rescans_take_over(
         usable, why = fanotify.available()
         if not usable:
             pytest.skip(why)
-    img = image(tmp_path)
-    found = Recorder()
-    judge = img.judge()
     rescans = RescanConfig(
         metadata_interval_s=3600, full_rehash_period_s=1e9, fallback_interval_s=0.2
     )
-    rescanner = Rescanner(judge, found, config=rescans)
-    guard = Guard(judge, found, rescanner, config=GuardConfig(backend=backend))
-    guard.start()
-    rescanner.start()
-    try:
+    with guarding(tmp_path, backend, rescans) as g:
+        guard, found, img = g.guard, g.found, g.image
+        g.rescanner.start()
         assert guard.backend is not None and guard.health().backend == backend
         # The reader's descriptor becomes a directory's: its next read fails (EISDIR).
         reader_fd = guard.backend._fd if backend == "fanotify" else guard.backend._fd._inotify_fd  # type: ignore[attr-defined]
@@ -375,15 +375,12 @@ def test_a_backend_whose_reader_dies_is_reported_and_rescans_take_over(
         assert f"the {backend} reader failed" in finding["detail"]
         assert "falling back to frequent rescans" in finding["detail"]
         wait_until(lambda: guard.health().backend == "polling", what="the guard to fall back")
-        assert rescanner.health().degraded == f"{backend}_failed"
+        assert g.rescanner.health().degraded == f"{backend}_failed"
         # Nothing watches in realtime any more, and still a change is found: by a rescan.
         (img.root / "etc" / "passwd").write_text("mallory:x:0:0::/:/bin/sh\n")
         source, _ = found.wait_for(lambda s, f: f.get("path") == "/etc/passwd")
         assert source == "rescan"
         assert guard.running
-    finally:
-        guard.stop()
-        rescanner.stop()
 
 
 @pytest.mark.root
@@ -391,15 +388,9 @@ def test_a_reader_thread_that_ends_without_a_word_is_noticed(tmp_path: Path) -> 
     usable, why = fanotify.available()
     if not usable:
         pytest.skip(why)
-    img = image(tmp_path)
-    found = Recorder()
-    judge = img.judge()
-    rescanner = Rescanner(judge, found, config=QUIET)
-    guard = Guard(
-        judge, found, rescanner, config=GuardConfig(backend="fanotify", check_interval_s=0.05)
-    )
-    guard.start()
-    try:
+    quick = GuardConfig(backend="fanotify", check_interval_s=0.05)
+    with guarding(tmp_path, "fanotify", guard_config=quick) as g:
+        guard, found = g.guard, g.found
         backend = guard.backend
         assert isinstance(backend, fanotify.FanotifyBackend)
         backend._stopping.set()  # its reader ends, and nobody told the guard
@@ -412,6 +403,3 @@ def test_a_reader_thread_that_ends_without_a_word_is_noticed(tmp_path: Path) -> 
             "the fanotify reader thread has ended"
         ]
         assert guard.health().backend == "polling" and guard.running
-    finally:
-        guard.stop()
-        rescanner.stop()
