@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import socket
 import ssl
 import threading
 import time
@@ -168,6 +169,8 @@ class CollectorClient:
         conn.connect()
         if conn.sock is not None:
             conn.sock.settimeout(self._read_timeout_s)
+            # A report's last partial segment must not wait for the ACK of the ones before.
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._conn = conn
         return conn
 
