@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -168,10 +169,15 @@ def run_apart(section: AgentSection, *, first_boot: bool, identity: Identity) ->
     )
     try:
         kind, payload = pickle.loads(child.stdout)  # noqa: S301 (our own child, a pipe)
-    except Exception as exc:  # killed, or it crashed before it could answer
-        detail = f"the boot check's process exited with status {child.returncode} ({exc!r})"
-        log.error("boot_check_process_failed", status=child.returncode)
-        return failed("boot_check_failed", detail, identity, section)
+    except Exception:  # killed (a stop while checking), or it crashed before it answered
+        status = child.returncode
+        ended = (
+            f"was killed by {signal.Signals(-status).name}"
+            if status < 0
+            else f"exited with status {status} without an answer"
+        )
+        log.error("boot_check_process_failed", status=status)
+        return failed("boot_check_failed", f"the boot check's process {ended}", identity, section)
     if kind == "error":
         name, message = payload
         cls = getattr(errors, name, None)

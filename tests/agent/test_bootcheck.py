@@ -84,8 +84,16 @@ def test_a_child_that_dies_is_a_failed_boot_check(
     assert check.body is None and not check.clean
     (finding,) = check.integrity
     assert finding["reason"] == "boot_check_failed"
-    assert "status 9" in finding["detail"]
+    assert finding["detail"] == "the boot check's process exited with status 9 without an answer"
     assert [e["status"] for e in logs if e["event"] == "boot_check_process_failed"] == [9]
+
+    monkeypatch.setattr(
+        bootcheck, "CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    )
+    with capture_logs():
+        check = bootcheck.run_apart(image, first_boot=False, identity=IDENTITY)
+    (finding,) = check.integrity
+    assert finding["detail"] == "the boot check's process was killed by SIGTERM"
 
 
 def test_without_a_baseline_no_child_is_started(
