@@ -7,20 +7,36 @@ packages, re-hashing only what changed by its metadata), and shapes the ``boot``
 body (``docs/protocol.md``). The agent's own files (the manifest, the state directory) are not
 measured when they lie inside the root.
 ``measured_root`` stays empty: the walk does not build a Merkle tree of the running machine.
+
+The daemon runs the check in a child process of its own interpreter (``run_apart``):
+loading the whole manifest and walking the root peaks at well over a hundred megabytes on a
+large image, and memory a process has once used stays partly its own (the allocators keep
+fragments). The child hands back, pickled on its stdout, what the daemon keeps: the boot
+report and the baseline already compacted (``agent.compact``). Its log lines go where the
+daemon's go, with the same context.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+import hashlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
 
 import structlog
 
-from agent import keys, wire
+from agent import errors, keys, logs, wire
 from agent.baseline import CheckResult, run_check
 from agent.config import AgentSection
+from agent.errors import advice
 from agent.identity import Identity
 from agent.policy import Policy
+
+CHILD: Final = "from agent.bootcheck import _child; raise SystemExit(_child())"
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +78,20 @@ def failed(reason: str, detail: str, ident: Identity, section: AgentSection) -> 
     )
 
 
+def _policy_override(section: AgentSection, policy: Policy) -> dict[str, Any] | None:
+    """What judged instead of the policy baked into the manifest (``[agent] policy``), or
+    None: the boot report says so, since the image's own rules were not the ones applied."""
+    if section.policy is None:
+        return None
+    try:
+        digest = "sha256:" + hashlib.sha256(section.policy.read_bytes()).hexdigest()
+    except OSError as exc:
+        digest = ""
+        log.error("policy_override_unreadable", path=str(section.policy), error=advice(exc))
+    log.warning("policy_override", path=str(section.policy), policy=policy.name, digest=digest)
+    return {"path": str(section.policy), "name": policy.name, "digest": digest}
+
+
 def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootCheck:
     """Verify the manifest and measure the root; raises ``UntrustedError`` on a bad signature."""
     image = image_of(section, identity)
@@ -95,6 +125,7 @@ def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootC
         "seconds": round(result.seconds, 3),
         "policy": policy.name,
     }
+    override = _policy_override(section, policy)
     body = {
         "first_boot": first_boot,
         "baseline": {
@@ -103,6 +134,7 @@ def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootC
             "policy_digest": statement["policy_digest"],
             "key_id": statement.get("key_id") or "",
             "signed": public_key is not None,
+            "policy_override": override,
         },
         "measured_root": "",
         "clean": clean,
@@ -111,3 +143,74 @@ def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootC
     }
     log.info("boot_check_finished", clean=clean, **stats)
     return BootCheck(image, body, clean=clean, policy=policy, result=result)
+
+
+# --- in a child process ------------------------------------------------------------------------
+
+
+def run_apart(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootCheck:
+    """``run`` in a child process (see the module's docstring); raises what ``run`` raises
+    (an ``AgentError`` of the same class, with its message). A child that fails otherwise
+    is a ``boot_check_failed`` check."""
+    if section.baseline is None:
+        return run(section, first_boot=first_boot, identity=identity)  # nothing to load
+    request = {
+        "section": section,
+        "first_boot": first_boot,
+        "identity": identity,
+        "logs": logs.settings(),
+        "context": structlog.contextvars.get_contextvars(),
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD],
+        input=pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL),
+        stdout=subprocess.PIPE,
+        check=False,
+    )
+    try:
+        kind, payload = pickle.loads(child.stdout)  # noqa: S301 (our own child, a pipe)
+    except Exception:  # killed (a stop while checking), or it crashed before it answered
+        status = child.returncode
+        ended = (
+            f"was killed by {signal.Signals(-status).name}"
+            if status < 0
+            else f"exited with status {status} without an answer"
+        )
+        log.error("boot_check_process_failed", status=status)
+        return failed("boot_check_failed", f"the boot check's process {ended}", identity, section)
+    if kind == "error":
+        name, message = payload
+        cls = getattr(errors, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, errors.AgentError)):
+            cls = errors.AgentError
+        raise cls(message)
+    if kind == "failed":
+        return failed("boot_check_failed", payload, identity, section)
+    check: BootCheck = payload
+    return check
+
+
+def _child() -> int:
+    reply_to = os.fdopen(os.dup(1), "wb")  # the reply alone: anything printed goes to stderr
+    os.dup2(2, 1)
+    request = pickle.load(sys.stdin.buffer)  # noqa: S301 (from the daemon that started us)
+    if request["logs"]:
+        logs.configure(**request["logs"])
+    structlog.contextvars.bind_contextvars(**request["context"])
+    reply: tuple[str, Any]
+    try:
+        check = run(
+            request["section"], first_boot=request["first_boot"], identity=request["identity"]
+        )
+        if check.result is not None:
+            kept = replace(check.result, baseline=check.result.baseline.compact())
+            check = replace(check, result=kept)
+        reply = ("ok", check)
+    except errors.AgentError as exc:
+        reply = ("error", (type(exc).__name__, str(exc)))
+    except Exception as exc:  # reported by the daemon as boot_check_failed
+        log.exception("boot_check_failed")
+        reply = ("failed", f"{type(exc).__name__}: {exc}")
+    with reply_to:
+        pickle.dump(reply, reply_to, protocol=pickle.HIGHEST_PROTOCOL)
+    return 0

@@ -116,7 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", type=Path, help="baked manifest")
     p.add_argument("--state-dir", type=Path, help="durable state (key, spool, cursors)")
     p.add_argument("--collector", help="collector base URL")
-    p.add_argument("--enroll-token", help="enrollment token (first start only)")
+    p.add_argument(
+        "--enroll-token-file", type=Path, help="file holding the enrollment token (first start)"
+    )
+    p.add_argument(
+        "--enroll-token",
+        help="deprecated (shows in ps): use --enroll-token-file or DRIFTWARDEN_ENROLL_TOKEN",
+    )
     p.add_argument("--once", action="store_true", help="run one cycle and exit (for tests)")
     p.set_defaults(handler=_run)
 

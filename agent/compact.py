@@ -4,12 +4,14 @@ A loaded manifest (``manifest.Baseline``) keeps each record line as a string in 
 path: fast for one check, but about 350 bytes per path, which on a 100,000-file image is more
 than the agent may use in all. ``CompactLines`` holds the same lines, in manifest order, as
 zlib-compressed blocks of ``BLOCK_LINES`` lines (about 60 bytes per path), and finds a path
-through a sorted array of path hashes pointing at blocks (10 bytes per path). A lookup
+through a sorted array of 32-bit path hashes pointing at blocks (6 bytes per path). A lookup
 decompresses one block (tens of microseconds) and keeps the last few in a small cache, so a
 walk in manifest order decompresses each block about once. A hash collision costs one more
 block; the path itself is always compared.
 
 Read-only and thread-safe: the guard and the rescanner look up paths from their threads.
+Picklable (the index and the blocks, not the cache): the boot check builds it in a child
+process and hands it over.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Final
+from typing import Any, Final
 
 from agent import record
 
@@ -30,8 +32,11 @@ _LEVEL: Final = 6
 
 
 def _key(path: str) -> int:
-    """The 64-bit key a path is indexed by (any collision is resolved by the block)."""
-    return hash(path)
+    """The 32-bit key a path is indexed by: its CRC-32, the same in every process (the
+    index is built in the boot check's process and used in the daemon's, where ``hash()``
+    of a string differs). A collision, about one in a 100,000-path image, costs one more
+    block; the path itself is always compared."""
+    return zlib.crc32(path.encode("utf-8", "surrogateescape"))
 
 
 def _pack(lines: list[str]) -> bytes:
@@ -47,7 +52,7 @@ class CompactLines(Mapping[str, str]):
 
     def __init__(self, items: Iterable[tuple[str, str]]) -> None:
         blocks: list[bytes] = []
-        hashes = array("q")
+        hashes = array("I")
         block_of = array("I")
         batch: list[str] = []
         for path, line in items:
@@ -60,11 +65,22 @@ class CompactLines(Mapping[str, str]):
         if batch:
             blocks.append(_pack(batch))
         order = sorted(range(len(hashes)), key=hashes.__getitem__)
-        self._hashes = array("q", (hashes[i] for i in order))
-        self._block_of = array("I", (block_of[i] for i in order))
+        self._hashes = array("I", (hashes[i] for i in order))
+        number = "H" if len(blocks) <= 1 << 16 else "I"  # a block number in 2 bytes if it fits
+        self._block_of = array(number, (block_of[i] for i in order))
         del order, hashes, block_of
         self._blocks = blocks
         self._cache: OrderedDict[int, dict[str, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"hashes": self._hashes, "block_of": self._block_of, "blocks": self._blocks}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._hashes = state["hashes"]
+        self._block_of = state["block_of"]
+        self._blocks = state["blocks"]
+        self._cache = OrderedDict()
         self._lock = threading.Lock()
 
     @property

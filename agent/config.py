@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -125,10 +126,14 @@ class AgentConfig:
     guard: GuardSection = GuardSection()
     rescan: RescanSection = RescanSection()
 
-    def token(self) -> Secret:
-        """The enrollment token: the key itself, else the first line of ``enroll_token_file``."""
+    def token(self, environ: Mapping[str, str] | None = None) -> Secret:
+        """The enrollment token: ``enroll_token`` (or ``--enroll-token``), else
+        ``$DRIFTWARDEN_ENROLL_TOKEN``, else the first line of ``enroll_token_file``."""
         if self.collector.enroll_token:
             return self.collector.enroll_token
+        from_env = (os.environ if environ is None else environ).get(ENROLL_TOKEN_ENV, "")
+        if from_env.strip():
+            return Secret(from_env.strip())
         path = self.collector.enroll_token_file
         if path is None:
             return Secret("")
@@ -158,7 +163,9 @@ FLAG_KEYS: Final = {
     "state_dir": ("agent", "state_dir"),
     "collector": ("collector", "url"),
     "enroll_token": ("collector", "enroll_token"),
+    "enroll_token_file": ("collector", "enroll_token_file"),
 }
+ENROLL_TOKEN_ENV: Final = "DRIFTWARDEN_ENROLL_TOKEN"  # noqa: S105 (a variable name, not a token)
 
 
 def config_keys() -> list[str]:
@@ -272,8 +279,7 @@ def _check(config: AgentConfig, where: str, *, check_files: bool) -> None:
         ("[agent] pipeline_public_key", agent.pipeline_public_key),
         ("[agent] policy", agent.policy),
         ("[collector] ca_bundle", collector.ca_bundle),
-        ("[collector] enroll_token_file", collector.enroll_token_file),
-    )
+    )  # not enroll_token_file: read (and checked) only while the host is not enrolled
     for key, path in files if check_files else ():
         if path is not None and not path.is_file():
             raise ConfigError(f"{where}: {key} = '{path}' is not a readable file")

@@ -34,7 +34,7 @@ from typing import Any, Final, Protocol
 import structlog
 
 from agent import bootcheck, durable, identity, keys
-from agent.config import AgentConfig, load_config
+from agent.config import ENROLL_TOKEN_ENV, AgentConfig, load_config
 from agent.errors import (
     EXIT_DRIFT,
     EXIT_ERROR,
@@ -49,10 +49,10 @@ from agent.errors import (
 from agent.policy import load_policy
 from agent.reporter import Reporter
 from agent.sdnotify import Notifier
-from agent.sender import CollectorClient, Enrollment, Sender
-from agent.sources import LoginSource
+from agent.sender import ENROLL_FILE, CollectorClient, Enrollment, Sender
 from agent.spool import Spool
 from agent.watchers import Outbox, Watchers
+from agent.worker import integrity_finding
 
 LIFECYCLE_FILE: Final = "lifecycle.json"
 STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
@@ -75,6 +75,8 @@ class Source(Protocol):
     def poll(self) -> list[dict[str, Any]]: ...  # wire findings, never blocks
 
     def commit(self) -> None: ...  # the findings of the last poll are queued durably
+
+    def failures(self) -> list[dict[str, Any]]: ...  # integrity findings, each reported once
 
     def close(self) -> None: ...
 
@@ -158,6 +160,23 @@ def _once_exit_code(check: bootcheck.BootCheck, *, baseline_configured: bool) ->
     return EXIT_DRIFT if check.body is not None and not check.clean else EXIT_OK
 
 
+_M_TRIM_THRESHOLD: Final = -1
+_M_MMAP_THRESHOLD: Final = -3
+_MMAP_THRESHOLD_BYTES: Final = 256 << 10
+
+
+def _steady_allocator() -> None:
+    """Have glibc's malloc give large blocks back at once: buffers of 256 KiB and more (a
+    re-hash chunk, a decompressed manifest block) are mapped and unmapped, never kept in a
+    heap. Set explicitly, the threshold no longer rises to the largest block ever freed,
+    which left a megabyte or two of a worker thread's heap resident for good."""
+    libc = ctypes.CDLL(None)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+        mallopt(_M_TRIM_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
 def _release_memory() -> None:
     """Give what the boot check used back to the system: collect, then trim the C heap
     (glibc's ``malloc_trim``; elsewhere, collecting is all there is)."""
@@ -189,6 +208,7 @@ class Daemon:
         self._signals = SignalReceiver()
         self._notifier = Notifier(self._environ)
         self._sources: list[Source] = []
+        self._failed_sources: dict[str, str] = {}  # name: why, while a source's poll fails
         self._outbox = Outbox(self._signals.wake)
         self._watchers: Watchers | None = None
         self._sender: Sender | None = None
@@ -200,6 +220,7 @@ class Daemon:
     # --- start -----------------------------------------------------------------------------
 
     def run(self) -> int:
+        _steady_allocator()
         self._signals.install()
         try:
             return self._run()
@@ -239,32 +260,35 @@ class Daemon:
 
         self._image = bootcheck.image_of(agent, self.identity)
         self._start_sender(key)
+        check = self._boot_check(first_boot)
+        clean = check.clean
+        if not self.once:
+            self._sources = self._make_sources(check)
+            self._watchers = Watchers(self.config, check, self._outbox, first_boot=first_boot)
+            _release_memory()  # before the watchers start, so nothing of theirs pins the check's
+            self._watchers.start()
+        # Reported once the guard runs, so that it names the watch backend actually in use;
+        # what the watchers find meanwhile waits in the outbox and follows the boot report.
         self.reporter.report(
             "agent_start",
             {
                 "version": agent_version(),
                 "pid": os.getpid(),
                 "previous_stop": previous_stop,
-                "watch_backend": "none",  # the guard starts after the boot check
+                "watch_backend": self._watch_backend(),
                 "image": self._image,
             },
         )
-        check = self._boot_check(first_boot)
         if check.body is not None:
             self.reporter.report("boot", check.body)
         for finding in check.integrity:
             self.reporter.report("finding", {"source": "integrity", "findings": [finding]})
         if self.once:
-            self._ready(previous_stop, first_boot, clean=check.clean)
+            self._ready(previous_stop, first_boot, clean=clean)
             self._heartbeat()
             self.shutdown("shutdown")
             return _once_exit_code(check, baseline_configured=agent.baseline is not None)
-        clean = check.clean
-        self._sources = self._make_sources(check)
-        self._watchers = Watchers(self.config, check, self._outbox, first_boot=first_boot)
-        del check  # the loaded baseline goes; the judge keeps it compacted
-        _release_memory()  # before the watchers start, so nothing of theirs pins the check's
-        self._watchers.start()
+        del check  # what the check loaded goes; the judge keeps the baseline compacted
         self._ready(previous_stop, first_boot, clean=clean)
         self._loop()
         return EXIT_OK
@@ -283,8 +307,9 @@ class Daemon:
     def _boot_check(self, first_boot: bool) -> bootcheck.BootCheck:
         """The boot check; whatever goes wrong is reported, and the agent keeps running."""
         args = (self.identity, self.config.agent)
+        run = bootcheck.run if self.once else bootcheck.run_apart  # once: no idle to keep lean
         try:
-            return bootcheck.run(self.config.agent, first_boot=first_boot, identity=self.identity)
+            return run(self.config.agent, first_boot=first_boot, identity=self.identity)
         except ConfigError:
             raise
         except UntrustedError as exc:
@@ -301,6 +326,8 @@ class Daemon:
         """The event sources the loop polls (the watching parts run on their own threads)."""
         sources: list[Source] = []
         if self.config.logins.watch:
+            from agent.sources import LoginSource  # psutil (utmp): only when logins are watched
+
             mode = check.policy.ssh_login if check.policy else "taint"
             sources.append(
                 LoginSource(self.config.agent.state_dir, self.config.logins, ssh_login=mode)
@@ -313,13 +340,15 @@ class Daemon:
             log.warning("collector_not_configured", advice="reports stay in the spool")
             return
         self._client = CollectorClient(collector)
+        from_file = not collector.enroll_token and not self._environ.get(ENROLL_TOKEN_ENV)
         enrollment = Enrollment(
             self.config.agent.state_dir,
             self._client,
             key,
             host_id=self.identity.host_id,
-            token=self.config.token(),
+            token=lambda: self.config.token(self._environ),  # read only to enroll
             facts=self._facts,
+            token_file=collector.enroll_token_file if from_file else None,
         )
         self._sender = Sender(self.reporter, self._client, enrollment, collector)
         self._sender.start()
@@ -366,20 +395,41 @@ class Daemon:
         for source in self._sources:
             try:
                 findings = source.poll()
-            except Exception:  # one broken source must not stop the others
+            except Exception as exc:  # one broken source must not stop the others
                 log.exception("source_failed", source=source.name)
+                self._source_failed(source.name, f"{type(exc).__name__}: {exc}")
                 continue
+            if self._failed_sources.pop(source.name, None) is not None:
+                log.info("source_recovered", source=source.name)
             if findings:
                 self.reporter.report("finding", {"source": source.name, "findings": findings})
             try:
                 source.commit()
             except Exception:
                 log.exception("source_commit_failed", source=source.name)
+            troubles = source.failures()
+            if troubles:
+                self.reporter.report("finding", {"source": "integrity", "findings": troubles})
+
+    def _source_failed(self, name: str, why: str) -> None:
+        """A source that fails is polled again; it is reported once until it recovers."""
+        if name in self._failed_sources:
+            return
+        self._failed_sources[name] = why
+        detail = (
+            f"the {name} source failed ({why}): what it would have seen may be missing "
+            "(integrity unknown) until it recovers; it is polled again"
+        )
+        finding = integrity_finding(f"{name}_source_failed", detail)
+        self.reporter.report("finding", {"source": "integrity", "findings": [finding]})
 
     def _report_emitted(self) -> None:
         """Queue durably what the watching parts found (they hand it over, never write)."""
         for source, findings in self._outbox.drain():
             self.reporter.report("finding", {"source": source, "findings": findings})
+
+    def _watch_backend(self) -> str:
+        return self._watchers.health().watch_backend if self._watchers else "none"
 
     def health(self) -> dict[str, Any]:
         spool = self.reporter.spool.health()
@@ -449,7 +499,7 @@ class Daemon:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("root", "baseline", "state_dir", "collector", "enroll_token")
+    names = ("root", "baseline", "state_dir", "collector", "enroll_token", "enroll_token_file")
     return {name: getattr(args, name, None) for name in names}
 
 
@@ -472,10 +522,17 @@ def preflight(config: AgentConfig) -> None:
             raise ConfigError(f"[agent] pipeline_public_key: {exc}") from exc
     if config.agent.policy is not None:
         load_policy(config.agent.policy)
-    config.token()  # a token file must be readable
+    if not (config.agent.state_dir / ENROLL_FILE).exists():
+        config.token()  # to enroll, a token file must be readable; once enrolled it is not read
 
 
 def run_command(args: argparse.Namespace) -> int:
+    if getattr(args, "enroll_token", None):
+        log.warning(
+            "enroll_token_argument_deprecated",
+            advice="a token on the command line shows in ps: use --enroll-token-file or "
+            "DRIFTWARDEN_ENROLL_TOKEN",
+        )
     config = load_config(_config_path(args), _resolved(_overrides(args)))
     preflight(config)
     return Daemon(config, once=bool(args.once)).run()

@@ -26,9 +26,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import psutil
 import structlog
 
 from agent.errors import advice
@@ -36,6 +35,9 @@ from agent.inotify import mutable_below
 from agent.judge import Judge
 from agent.mounts import MountTable
 from agent.worker import Sink
+
+if TYPE_CHECKING:
+    import psutil
 
 NAME: Final = "fanotify"
 
@@ -155,6 +157,8 @@ def ssh_session(proc: psutil.Process) -> SshSession | None:
     """The SSH session ``proc`` descends from: its nearest ancestor titled like sshd's
     per-session process (``sshd: alice@pts/0``; OpenSSH >= 9.8: ``sshd-session: …``),
     preferring one with a terminal or ``notty`` over the privileged ``[priv]`` one."""
+    import psutil
+
     privileged: SshSession | None = None
     for parent in [proc, *proc.parents()]:
         try:
@@ -173,6 +177,8 @@ def ssh_session(proc: psutil.Process) -> SshSession | None:
 
 def describe_process(pid: int) -> dict[str, Any]:
     """What can be learnt of process ``pid`` now: ``exited`` when it is gone already."""
+    import psutil  # on the first change: a guard with nothing to report never loads it
+
     out: dict[str, Any] = {"pid": pid, "exited": False}
     try:
         proc = psutil.Process(pid)
@@ -341,7 +347,21 @@ class FanotifyBackend:
             raise OSError(err, f"fanotify_mark {full}: {os.strerror(err)}")
         self._mount_fds[fsid] = os.open(full, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
+    def failure(self) -> str | None:
+        thread = self._thread
+        if thread is None or thread.is_alive():
+            return None
+        return "the fanotify reader thread has ended"
+
     def _read_loop(self) -> None:
+        try:
+            self._read_events()
+        except Exception as exc:  # the guard hears of it and falls back to rescans
+            log.exception("fanotify_reader_failed")
+            detail = f"the fanotify reader failed: {type(exc).__name__}: {exc}"
+            self.sink.unwatched(NAME, "backend_failed", detail)
+
+    def _read_events(self) -> None:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -355,7 +375,8 @@ class FanotifyBackend:
                 continue
             except OSError as exc:
                 log.error("fanotify_read_failed", error=advice(exc))
-                self.sink.unwatched(NAME, "watch_failed", f"fanotify read: {advice(exc)}")
+                detail = f"the fanotify reader failed: {advice(exc)}"
+                self.sink.unwatched(NAME, "backend_failed", detail)
                 return
             for event in parse_events(data):
                 try:

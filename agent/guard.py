@@ -45,12 +45,15 @@ class GuardConfig:
 
     backend: str = "auto"
     coalesce_s: float = 0.05
+    check_interval_s: float = 5.0  # how often the backend's threads are seen to be alive
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend {self.backend!r} is not one of {list(BACKENDS)}")
         if not self.coalesce_s >= 0:
             raise ValueError(f"coalesce_s {self.coalesce_s!r} is not a number >= 0")
+        if not self.check_interval_s > 0:
+            raise ValueError(f"check_interval_s {self.check_interval_s!r} is not a number > 0")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class Backend(Protocol):
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
+
+    def failure(self) -> str | None:
+        """None while the backend's threads run; once one has ended, what ended."""
+        ...
 
 
 # --- the intake: what the backends saw, merged ------------------------------------------------
@@ -138,12 +145,20 @@ class Intake:
         with self._cond:
             self._cond.notify_all()
 
-    def take(self, stopping: threading.Event, settle_s: float) -> Batch:
-        """Wait for something to arrive, then ``settle_s`` for the rest of the burst; return
-        it all (empty when stopping)."""
+    def take(
+        self, stopping: threading.Event, settle_s: float, timeout_s: float | None = None
+    ) -> Batch:
+        """Wait for something to arrive (at most ``timeout_s``), then ``settle_s`` for the
+        rest of the burst; return it all (empty when stopping or nothing came)."""
         with self._cond:
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
             while not self._batch and not stopping.is_set():
-                self._cond.wait()
+                if deadline is None:
+                    self._cond.wait()
+                elif (wait_s := deadline - time.monotonic()) > 0:
+                    self._cond.wait(wait_s)
+                else:
+                    return Batch()
             deadline = time.monotonic() + settle_s
             while not stopping.is_set() and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
@@ -249,13 +264,15 @@ class Guard(Worker):
                 "no realtime file watching could be started; falling back to rescans",
             )
         while not self.stopping.is_set():
-            batch = self.intake.take(self.stopping, self.config.coalesce_s)
+            config = self.config
+            batch = self.intake.take(self.stopping, config.coalesce_s, config.check_interval_s)
             if self.stopping.is_set():
                 break
             if batch.overflows:
                 self._overflowed(batch.overflows)
             if batch.unwatched:
                 self._unwatched_parts(batch.unwatched)
+            self._check_backend()  # after what its threads said of themselves
             findings = self._judge(batch)
             if findings:
                 self.emit("realtime", findings)
@@ -283,6 +300,30 @@ class Guard(Worker):
                 )
         return out
 
+    def _check_backend(self) -> None:
+        backend = self.backend
+        failure = backend.failure() if backend is not None else None
+        if failure is not None:
+            self._backend_failed(failure)
+
+    def _backend_failed(self, failure: str) -> None:
+        """A backend whose thread has ended sees nothing more: say so, and fall back to
+        frequent rescans (the guard itself goes on, as ``polling``)."""
+        backend = self.backend
+        if backend is None:
+            return
+        self.backend = None
+        log.error("guard_backend_died", backend=backend.name, failure=failure)
+        try:
+            backend.stop()
+        except Exception:  # what is left of it must not take the guard along
+            log.exception("guard_backend_stop_failed", backend=backend.name)
+        self._degrade(
+            f"{backend.name}_failed",
+            f"{failure}: no realtime watching since (integrity unknown until the metadata pass "
+            "that was started at once has finished); falling back to frequent rescans",
+        )
+
     def _overflowed(self, backends: list[str]) -> None:
         self.overflows += len(backends)
         name = backends[0]
@@ -300,6 +341,10 @@ class Guard(Worker):
         self.rescanner.request(f"{name}_overflow")
 
     def _unwatched_parts(self, parts: list[tuple[str, str, str]]) -> None:
+        failed = [detail for _b, reason, detail in parts if reason == "backend_failed"]
+        if failed:
+            self._backend_failed(failed[0])
+            parts = [p for p in parts if p[1] != "backend_failed"]
         self._unwatched += len(parts)
         for reason in dict.fromkeys(r for _b, r, _d in parts):
             if reason in self._degraded_for:

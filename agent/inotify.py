@@ -19,6 +19,7 @@ import errno
 import fnmatch
 import os
 import stat
+from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
@@ -180,28 +181,38 @@ def _is_dir(full: str) -> bool:
 # --- watchdog, with overflow and watch-limit detection ---------------------------------------
 
 
+def _run_telling(run: Callable[[], None], sink: Sink, what: str) -> None:
+    """Run a watchdog thread's loop; if it fails, tell the sink: nothing is watched any more,
+    and the guard falls back to rescans."""
+    try:
+        run()
+    except Exception as exc:
+        log.exception("inotify_thread_failed", thread=what)
+        sink.unwatched(NAME, "backend_failed", f"{what} failed: {type(exc).__name__}: {exc}")
+
+
 class _InotifyFD(InotifyFD):
     """watchdog's inotify instance, telling the sink about overflow and the watch limit."""
 
     def __init__(self, sink: Sink) -> None:
         super().__init__()
-        self._sink = sink
+        self.sink = sink
 
     def handle_event(self, event: InotifyEvent) -> None:
         if event.is_queue_overflow:
-            self._sink.overflow(NAME)
+            self.sink.overflow(NAME)
         try:
             super().handle_event(event)
         except Exception:  # an event watchdog could not handle is an event lost
             log.exception("inotify_event_failed", mask=event.mask)
-            self._sink.overflow(NAME)
+            self.sink.overflow(NAME)
 
     def add_callback(self, path: bytes, mask: Any, callback: Any, id_: Any) -> Any:
         try:
             return super().add_callback(path, mask, callback, id_)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                self._sink.unwatched(NAME, "watch_limit", os.fsdecode(path))
+                self.sink.unwatched(NAME, "watch_limit", os.fsdecode(path))
             raise
 
     def _add_callback(self, path: bytes, mask: Any, callback: Any, id_: Any) -> Any:
@@ -216,11 +227,17 @@ class _InotifyFD(InotifyFD):
     def watches(self) -> int:
         return len(self._watch_for_wd)
 
+    def run(self) -> None:
+        _run_telling(super().run, self.sink, "the inotify reader")
+
 
 class _Observer(BaseObserver):
     def __init__(self, inotify_fd: _InotifyFD) -> None:
         super().__init__(InotifyEmitter, timeout=1.0, inotify_fd=inotify_fd)
         self._inotify_fd = inotify_fd
+
+    def run(self) -> None:
+        _run_telling(super().run, self._inotify_fd.sink, "the watchdog observer")
 
     def on_thread_stop(self) -> None:
         super().on_thread_stop()
@@ -273,6 +290,16 @@ class InotifyBackend:
     @property
     def watches(self) -> int:
         return self._fd.watches if self._fd is not None else 0
+
+    def failure(self) -> str | None:
+        observer, fd = self._observer, self._fd
+        if observer is None or fd is None:
+            return None
+        threads = [("the inotify reader", fd), ("the watchdog observer", observer)]
+        # (an emitter stopped on purpose, its directory gone, has not failed)
+        threads += [("a watchdog emitter", e) for e in observer.emitters.copy()]
+        ended = [n for n, t in threads if not t.is_alive() and t.should_keep_running()]
+        return f"{ended[0]} thread has ended" if ended else None
 
     def start(self) -> None:
         self._fd = _InotifyFD(self.sink)

@@ -123,3 +123,12 @@ class Logger:
 def get_logger(name: str | None = None) -> Logger:
     """A logger for a module on the bake and check path (see the module's docstring)."""
     return Logger(name)
+
+
+def settings() -> dict[str, Any]:
+    """The arguments of the last ``configure`` (empty before it), for a child process of the
+    agent to log the same way."""
+    if _settings is None:
+        return {}
+    service, level, json_lines = _settings
+    return {"service": service, "level": level, "json_lines": json_lines}

@@ -263,6 +263,8 @@ class Baseline:
         the running agent keeps, at a sixth of the memory, for slower lookups. Subtree
         digests are left out (``subtree_digest`` is None): nothing running needs them, and
         each, made while the manifest was read, would pin that read's memory."""
+        if isinstance(self._lines, CompactLines):
+            return self  # compacted already (by the boot check's process)
         return Baseline(
             self.statement, self.policy, CompactLines(self._lines.items()), self.packages, {}
         )

@@ -14,13 +14,21 @@ period and never exceed ``io_budget_mb_s``; the thread runs at the lowest CPU pr
 chunk that were not cached before it was read (``mincore``) are dropped after hashing
 (``POSIX_FADV_DONTNEED``), and readahead is off (``POSIX_FADV_RANDOM``); what others had
 cached stays.
+
+Where the round stands is kept in the state directory (``rehash.json``: the baseline it is
+for, when the round began, how many files it has checked, when it finished), saved every
+``SAVE_EVERY_S`` and at stop: a restart resumes the round where it was rather than starting
+over, and after a finished round waits for the next one as planned. Another baseline or
+policy starts afresh.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import hashlib
+import itertools
 import mmap
 import os
 import platform
@@ -30,10 +38,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Final
 
 import structlog
 
+from agent import durable
 from agent.compare import Finding
 from agent.errors import advice
 from agent.judge import Judge
@@ -57,6 +68,8 @@ _IOPRIO_SET: Final = {
 }
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _NOATIME: Final = getattr(os, "O_NOATIME", 0)
+
+SAVE_EVERY_S: Final = 30.0
 
 log = structlog.get_logger(__name__)
 
@@ -176,7 +189,7 @@ def hash_budgeted(
         # No readahead: pages read ahead would look cached to the next read and stay.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         hasher = hashlib.sha256()
-        view = memoryview(bytearray(chunk_bytes))
+        view = memoryview(bytearray(min(chunk_bytes, _whole_pages(before.st_size))))
         offset, size = 0, before.st_size
         while offset < size:
             want = min(chunk_bytes, size - offset)
@@ -216,6 +229,12 @@ def resident(fd: int, offset: int, length: int) -> list[bool]:
         _libc.munmap(addr, length)
 
 
+def _whole_pages(size_bytes: int) -> int:
+    """A buffer for ``size_bytes``: whole pages, at least one (a small file's read does not
+    zero, and leave to the allocator, a whole chunk)."""
+    return max(PAGE_BYTES, -(-size_bytes // PAGE_BYTES) * PAGE_BYTES)
+
+
 def _read_uncached(fd: int, view: memoryview, offset: int) -> int:
     """Read into ``view`` at ``offset``, then drop from the page cache the pages that were
     not cached before (what others had cached stays)."""
@@ -239,18 +258,79 @@ def _read_uncached(fd: int, view: memoryview, offset: int) -> int:
 # --- the rolling re-hash ---------------------------------------------------------------------
 
 
-class RollingRehash:
-    """One round after another over every file the baseline hashed, in manifest order."""
+@dataclass(frozen=True)
+class RehashPlace:
+    """Where the rolling re-hash stands (``rehash.json`` in the state directory)."""
 
-    def __init__(self, judge: Judge, config: RescanConfig) -> None:
+    baseline: str  # what the round is over (the manifest's root and the policy's digest)
+    started_at: float  # when the round began (seconds since the epoch)
+    done: int  # files of the round checked
+    finished_at: float | None = None  # when the round ended (then ``done`` is all of them)
+
+    @classmethod
+    def load(cls, path: Path) -> RehashPlace | None:
+        try:
+            obj = durable.read_json(path)
+            return None if obj is None else cls(**obj)
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("rehash_place_unreadable", path=str(path), error=str(exc))
+            return None
+
+    def save(self, path: Path) -> None:
+        try:
+            durable.write_json(path, dataclasses.asdict(self))
+        except OSError as exc:
+            log.warning("rehash_place_unwritable", path=str(path), error=advice(exc))
+
+
+class RollingRehash:
+    """One round after another over every file the baseline hashed, in manifest order.
+
+    With ``place_file``, where the round stands is saved there and a new instance (a
+    restart) resumes from it when it is for the same ``baseline`` (see the module)."""
+
+    def __init__(
+        self,
+        judge: Judge,
+        config: RescanConfig,
+        *,
+        place_file: Path | None = None,
+        baseline: str = "",
+    ) -> None:
         self.judge = judge
         self.config = config
         self.budget = IoBudget(config.io_budget_mb_s * MB, config.chunk_bytes)
         self.rounds = 0
+        self.place_file = place_file
+        self.baseline = baseline
         self._todo: Iterator[str] = iter(())
         self._round_started = 0.0
         self._round_bytes = 0
         self._files = 0
+        self._started_at = 0.0
+        self._done = 0
+        self._finished_at: float | None = None
+        self._saved_at = 0.0
+        saved = RehashPlace.load(place_file) if place_file is not None else None
+        self._saved = saved if saved is not None and saved.baseline == baseline else None
+
+    @property
+    def last_finished_at(self) -> float | None:
+        """When the last round finished, as saved by an earlier run."""
+        return self._saved.finished_at if self._saved is not None else None
+
+    def first_round_in_s(self) -> float:
+        """How long until the first round of this run: at once, unless an earlier run
+        finished one less than a period ago."""
+        saved = self._saved
+        if saved is None or saved.finished_at is None:
+            return 0.0
+        return max(0.0, saved.started_at + self.config.full_rehash_period_s - time.time())
+
+    @property
+    def round_age_s(self) -> float:
+        """How long ago the current round began (across restarts)."""
+        return max(0.0, time.time() - self._started_at)
 
     def _hashed(self) -> Iterator[tuple[str, int]]:
         """(path, size) of every file the baseline hashed and the policy wants hashed."""
@@ -281,24 +361,54 @@ class RollingRehash:
                 io_budget_mb_s=self.config.io_budget_mb_s,
             )
         self.budget.rate = max(min(budget, pace), 1.0)
-        self._todo = (path for path, _size in self._hashed())
+        saved, self._saved = self._saved, None
+        skip = 0
+        self._started_at = time.time()
+        if saved is not None and saved.finished_at is None and 0 < saved.done < files:
+            skip, self._started_at = saved.done, saved.started_at
+        self._todo = itertools.islice((path for path, _size in self._hashed()), skip, None)
         self._round_started = time.monotonic()
         self._round_bytes = total
         self._files = files
+        self._done = skip
+        self._finished_at = None
+        self._save()
+        if skip:
+            log.info("full_rehash_resumed", files=files, done=skip, bytes=total)
         log.info("full_rehash_started", files=files, bytes=total, rate_b_s=self.budget.rate)
         return True
 
     def next_path(self) -> str | None:
         return next(self._todo, None)
 
+    def advanced(self) -> None:
+        """One more file of the round checked; saved now and then."""
+        self._done += 1
+        if time.monotonic() - self._saved_at >= SAVE_EVERY_S:
+            self._save()
+
     def finish_round(self) -> None:
         self.rounds += 1
+        self._finished_at = time.time()
+        self._save()
         log.info(
             "full_rehash_finished",
             files=self._files,
             bytes=self._round_bytes,
             seconds=round(time.monotonic() - self._round_started, 3),
         )
+
+    def save(self) -> None:
+        """Save where the round stands (at stop)."""
+        if self._started_at:
+            self._save()
+
+    def _save(self) -> None:
+        if self.place_file is None:
+            return
+        self._saved_at = time.monotonic()
+        place = RehashPlace(self.baseline, self._started_at, self._done, self._finished_at)
+        place.save(self.place_file)
 
     def check(self, path: str, interrupt: threading.Event) -> list[Finding] | None:
         """Re-hash one file and judge it: the findings (the judge has recorded them as
@@ -328,6 +438,11 @@ class RollingRehash:
         return _listed(judge.check_entry(path, replace(entry, digest=digest)))
 
 
+def _utc(epoch_s: float) -> str:
+    """``epoch_s`` as ``wire.utc_now`` writes a time."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _listed(finding: Finding | None) -> list[Finding]:
     return [finding] if finding is not None else []
 
@@ -347,13 +462,18 @@ class Rescanner(Worker):
         *,
         config: RescanConfig = RescanConfig(),
         clock: Callable[[], float] = time.monotonic,
+        place_file: Path | None = None,
+        baseline: str = "",
     ) -> None:
+        """``place_file``, ``baseline``: where the rolling re-hash keeps its place, and for
+        which baseline (see the module)."""
         super().__init__(emit)
         self.judge = judge
         self.config = config
-        self.rehash = RollingRehash(judge, config)
+        self.rehash = RollingRehash(judge, config, place_file=place_file, baseline=baseline)
         self.last_rescan: str | None = None
-        self.last_full_rehash: str | None = None
+        finished = self.rehash.last_finished_at
+        self.last_full_rehash: str | None = _utc(finished) if finished is not None else None
         self.passes = 0
         self._clock = clock
         self._wakeup = threading.Event()
@@ -400,7 +520,7 @@ class Rescanner(Worker):
     def run(self) -> None:
         lower_priority(self.config.nice)
         next_pass = self._clock() + self.interval_s
-        next_round = self._clock()
+        next_round = self._clock() + self.rehash.first_round_in_s()
         pending: str | None = None
         while not self.stopping.is_set():
             with self._lock:
@@ -430,7 +550,7 @@ class Rescanner(Worker):
         if not self.rehash.start_round(self._wakeup):
             return  # asked for a pass, or to stop: the round starts after that
         self._round_open = True
-        self._round_began = self._clock()
+        self._round_began = self._clock() - self.rehash.round_age_s  # a resumed round is older
 
     def _round_done(self) -> None:
         self.rehash.finish_round()
@@ -446,9 +566,13 @@ class Rescanner(Worker):
             return True
         if found is None:
             return False
+        self.rehash.advanced()
         if found:
             self.emit("rescan", [f.to_wire() for f in found])
         return True
+
+    def cleanup(self) -> None:
+        self.rehash.save()
 
     def metadata_pass(self, reason: str) -> None:
         """Walk every root now; report what differs (``rescan``) or that it failed."""

@@ -14,22 +14,26 @@ body (a proxy, a WAF, a gateway in front of the collector) and a chain conflict 
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
+import socket
+import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
-import requests
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import durable, keys, wire
 from agent.config import CollectorSection, Secret
-from agent.errors import CollectorError, SpoolError, advice
+from agent.errors import AgentError, CollectorError, SpoolError, advice
 from agent.reporter import Reporter
 
 ENROLL_FILE: Final = "enrollment.json"
@@ -87,32 +91,107 @@ class Backoff:
 
 
 class CollectorClient:
-    """JSON over HTTP(S) to one collector: TLS verified (system CAs or a bundle), timeouts."""
+    """JSON over HTTP(S) to one collector: TLS verified (the system CAs, or
+    ``[collector] ca_bundle``), connect and read timeouts, one connection kept alive.
+
+    The standard library's ``http.client``, not an HTTP library with a session layer: the
+    agent posts JSON to one URL, and the daemon's idle memory is a target (``requests`` and
+    what it imports cost it about 5 MB). ``https_proxy`` / ``http_proxy`` / ``no_proxy``
+    from the environment are honoured (a tunnel through the proxy for https). A kept-alive
+    connection the collector has closed meanwhile is opened again once, at once; every
+    report is safe to post twice (a re-sent envelope is acknowledged as a duplicate)."""
 
     def __init__(self, config: CollectorSection) -> None:
         self.url = config.url.rstrip("/")
-        self._timeout = (config.connect_timeout_s, config.read_timeout_s)
-        self._session = requests.Session()
-        # passed with each request: a session-wide verify loses to $REQUESTS_CA_BUNDLE
-        self._verify: str | bool = str(config.ca_bundle) if config.ca_bundle else True
-        self._session.headers["Content-Type"] = "application/json"
+        parts = urlsplit(self.url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._https else 80)
+        self._prefix = parts.path
+        self._connect_timeout_s = config.connect_timeout_s
+        self._read_timeout_s = config.read_timeout_s
+        self._context: ssl.SSLContext | None = None
+        if self._https:
+            cafile = str(config.ca_bundle) if config.ca_bundle else None
+            self._context = ssl.create_default_context(cafile=cafile)
+        self._proxy = _proxy_for(parts.scheme, self._host)
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
 
     def post(self, path: str, obj: Mapping[str, Any]) -> Reply:
         data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        with self._lock:
+            try:
+                status, raw = self._post(path, data)
+            except (OSError, http.client.HTTPException) as exc:
+                self._close()
+                name = "SSLError" if isinstance(exc, ssl.SSLError) else type(exc).__name__
+                raise CollectorError(f"{name}: {exc}", path=self.url + path) from exc
         try:
-            response = self._session.post(
-                self.url + path, data=data, timeout=self._timeout, verify=self._verify
-            )
-        except requests.RequestException as exc:
-            raise CollectorError(f"{type(exc).__name__}: {exc}", path=self.url + path) from exc
-        try:
-            body = response.json()
+            body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        return Reply(response.status_code, body)
+        return Reply(status, body)
+
+    def _post(self, path: str, data: bytes) -> tuple[int, bytes]:
+        reused = self._conn is not None
+        conn = self._conn or self._connect()
+        target = self._prefix + path
+        if self._proxy is not None and not self._https:
+            target = self.url + path  # a plain-http proxy takes the absolute URL
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        try:
+            conn.request("POST", target, body=data, headers=headers)
+            response = conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            if not reused:
+                raise
+            self._close()  # closed by the collector while idle: once more, on a new one
+            conn = self._connect()
+            conn.request("POST", target, body=data, headers=headers)
+            response = conn.getresponse()
+        raw = response.read()
+        if response.will_close:
+            self._close()
+        return response.status, raw
+
+    def _connect(self) -> http.client.HTTPConnection:
+        host, port = self._proxy or (self._host, self._port)
+        conn: http.client.HTTPConnection
+        if self._https:
+            conn = http.client.HTTPSConnection(
+                host, port, timeout=self._connect_timeout_s, context=self._context
+            )
+            if self._proxy is not None:
+                conn.set_tunnel(self._host, self._port)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout_s)
+        conn.connect()
+        if conn.sock is not None:
+            conn.sock.settimeout(self._read_timeout_s)
+            # A report's last partial segment must not wait for the ACK of the ones before.
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conn = conn
+        return conn
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def close(self) -> None:
-        self._session.close()
+        with self._lock:
+            self._close()
+
+
+def _proxy_for(scheme: str, host: str) -> tuple[str, int] | None:
+    """The proxy the environment names for ``scheme`` (``https_proxy``, ``http_proxy``),
+    unless ``no_proxy`` exempts ``host``."""
+    proxy = urllib.request.getproxies_environment().get(scheme)
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    return (parts.hostname or "", parts.port or 80) if parts.hostname else None
 
 
 class Enrollment:
@@ -125,15 +204,19 @@ class Enrollment:
         key: Ed25519PrivateKey,
         *,
         host_id: str,
-        token: Secret,
+        token: Secret | Callable[[], Secret],
         facts: Callable[[], Mapping[str, Any]],
+        token_file: Path | None = None,
     ) -> None:
+        """``token``: the token, or where to get it when it is needed (only to enroll).
+        ``token_file``: the file it came from, named in the log once it is spent."""
         self._path = state_dir / ENROLL_FILE
         self._client = client
         self._key = key
         self._raw = keys.public_raw(key.public_key())
         self._host_id = host_id
         self._token = token
+        self._token_file = token_file
         self._facts = facts
         self.key_id = wire.key_id(self._raw)
 
@@ -148,15 +231,24 @@ class Enrollment:
             return False
         return isinstance(saved, dict) and all(saved.get(k) == v for k, v in self._ours().items())
 
+    def _secret(self) -> Secret:
+        if isinstance(self._token, Secret):
+            return self._token
+        try:
+            return self._token()
+        except AgentError as exc:  # the token file is gone (removed after the last enrollment)
+            raise EnrollmentRefused(f"no enrollment token: {exc}") from exc
+
     def enroll(self) -> dict[str, Any]:
-        if not self._token:
+        token = self._secret()
+        if not token:
             raise EnrollmentRefused(
-                "not enrolled and no enrollment token: set [collector] enroll_token or "
-                "enroll_token_file, or pass --enroll-token"
+                "not enrolled and no enrollment token: set [collector] enroll_token_file or "
+                "DRIFTWARDEN_ENROLL_TOKEN"
             )
         request = wire.make_enrollment(
             self._key,
-            token=self._token.reveal(),
+            token=token.reveal(),
             host_id=self._host_id,
             public_key_raw=self._raw,
             facts=self._facts(),
@@ -179,6 +271,12 @@ class Enrollment:
                 f"cannot record the enrollment: {advice(exc)}", path=self._path
             ) from exc
         log.info("enrolled", url=self._client.url, key_id=self.key_id, **tip)
+        if self._token_file is not None:
+            log.info(
+                "enroll_token_file_spent",
+                path=str(self._token_file),
+                advice="no longer read: it may be removed",
+            )
         return tip
 
     def forget(self) -> None:

@@ -6,7 +6,9 @@
   each judged by the policy's ``ssh_login`` (``taint``, ``alert`` or ``allow``).
 
 The loop calls ``poll()``, queues what it returns durably, then ``commit()``: a source saves
-its position only then, so a crash in between repeats an event rather than losing it.
+its position only then, so a crash in between repeats an event rather than losing it. Then
+``failures()``: integrity findings for what the source could not see (reported as source
+``integrity``), each once.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from agent.config import LoginsSection
 from agent.logins import LoginWatcher, default_sources
+from agent.worker import integrity_finding
 
 _LOGIN_SEVERITY = {"taint": "critical", "alert": "warning", "allow": "info"}
 _OPENING = frozenset({"accepted", "session_open"})
@@ -42,6 +45,18 @@ class LoginSource:
             finding["severity"] = _LOGIN_SEVERITY[self._verdict] if opening else "info"
             out.append(finding)
         return out
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Integrity findings for the login sources that started failing since the last
+        call: the logins they would have seen may be missing."""
+        return [
+            integrity_finding(
+                "login_source_failed",
+                f"the {name} login source failed ({why}): SSH logins it would have seen may "
+                "be missing (integrity unknown) until it recovers; the other sources go on",
+            )
+            for name, why in self._watcher.new_failures()
+        ]
 
     def commit(self) -> None:
         self._watcher.commit()

@@ -28,17 +28,16 @@ from __future__ import annotations
 import errno
 import functools
 import heapq
-import multiprocessing
 import os
 import stat
 import threading
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 from agent import record
 from agent.measure import (
@@ -53,6 +52,9 @@ from agent.measure import (
 )
 from agent.mounts import MountTable
 from agent.policy import Policy
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 Signature = tuple[str, int, str]
 """(type code, size, ``record.hints_suffix(mtime_ns, ctime_ns, inode)``) of a path as
@@ -396,6 +398,9 @@ class Walk:
                 continue
         self._top = ("top", tops, not self.fast)
         if self.workers > 1:
+            import multiprocessing  # not loaded by a process that never walks in parallel
+            from concurrent.futures import ProcessPoolExecutor
+
             # fork is fast, but only safe while this process has no other thread
             method = "fork" if threading.active_count() == 1 else "forkserver"
             self._pool = ProcessPoolExecutor(

@@ -35,6 +35,7 @@ from agent.rescan import RescanConfig, Rescanner
 from agent.worker import Worker, integrity_finding
 
 STOP_TIMEOUT_S: Final = 5.0
+REHASH_FILE: Final = "rehash.json"  # where the rolling re-hash keeps its place
 BUILT_IN_POLICY: Final = parse_policy({"policy": {"name": "built-in"}}, source="<built-in>")
 
 log = structlog.get_logger(__name__)
@@ -113,6 +114,8 @@ class Watchers:
                     io_budget_mb_s=rescan.io_budget_mb_s,
                     nice=rescan.nice,
                 ),
+                place_file=config.agent.state_dir / REHASH_FILE,
+                baseline=_judged_by(check),
             )
             guard = config.guard
             if guard.backend != "none":
@@ -174,6 +177,16 @@ class Watchers:
         if rescanner is not None:
             return WatchHealth("none", 0, rescanner.last_rescan, rescanner.last_full_rehash)
         return WatchHealth("none", 0, None, None)
+
+
+def _judged_by(check: BootCheck) -> str:
+    """What the rolling re-hash runs over: the manifest's root and the policy's digest (a
+    place saved for another image or policy is not resumed)."""
+    baseline = check.body["baseline"] if check.body is not None else {}
+    override = baseline.get("policy_override") or {}
+    return (
+        f"{baseline.get('root', '')} {override.get('digest') or baseline.get('policy_digest', '')}"
+    )
 
 
 def _seed(judge: Judge, findings: list[Any]) -> None:

@@ -43,7 +43,8 @@ class Sink(Protocol):
 
     def unwatched(self, backend: str, reason: str, detail: str) -> None:
         """A part of the tree could not be watched; ``reason`` is ``watch_limit`` (the
-        kernel's limit on watches) or ``watch_failed`` (any other error)."""
+        kernel's limit on watches), ``watch_failed`` (any other error) or ``backend_failed``
+        (the backend's thread has ended: nothing is watched any more)."""
         ...
 
 

@@ -183,6 +183,7 @@ class AuthLogSource:
         self._draining: list[_Tail] = []
         self._saved: list[Mapping[str, Any]] = []
         self._missing_logged = False
+        self.failure: str | None = None  # why it cannot read, while it cannot
 
     # --- position -----------------------------------------------------------------------
 
@@ -204,7 +205,9 @@ class AuthLogSource:
             self._follow()
         except OSError as exc:
             log.warning("authlog_unreadable", path=str(self.path), error=advice(exc))
+            self.failure = f"{self.path} is unreadable: {advice(exc)}"
             return []
+        self.failure = None
         now = self._clock()
         lines: list[tuple[str, bool]] = []
         for tail in self._draining:

@@ -70,6 +70,10 @@ class JournalSource:
         self._next_start = 0.0
         self._run_entries = 0
         self.entries_read = 0
+        # Why it cannot follow the journal: set when journalctl cannot be started or ends in
+        # error before reading anything; cleared once a run reads an entry. (A journalctl that
+        # ends after reading is started again after the cursor: nothing is missed.)
+        self.failure: str | None = None
 
     def restore(self, position: Mapping[str, Any]) -> None:
         cursor = position.get("cursor")
@@ -104,6 +108,8 @@ class JournalSource:
                 break
             chunks.append(chunk)
         logins = self._parse(b"".join(chunks))
+        if self._run_entries:
+            self.failure = None
         if eof:
             self._reap()
         return logins
@@ -160,6 +166,7 @@ class JournalSource:
             )
         except OSError as exc:
             log.warning("journal_unavailable", command=cmd[0], error=str(exc))
+            self.failure = f"journalctl cannot be started: {exc}"
             self._next_start = self._clock() + self._backoff_s
             return False
         assert self._proc.stdout is not None
@@ -180,6 +187,9 @@ class JournalSource:
             returncode=proc.returncode,
             stderr=stderr[-500:].decode("utf-8", "replace").strip(),
         )
+        if proc.returncode and not self._run_entries:
+            text = stderr[-200:].decode("utf-8", "replace").strip()
+            self.failure = f"journalctl exited with status {proc.returncode}: {text}"
         if proc.returncode and self._cursor and not self._run_entries:
             # A cursor journalctl cannot seek to (journal vacuumed, machine reinstalled):
             # read the boot again rather than nothing at all.

@@ -51,6 +51,7 @@ class UtmpSource:
     def __init__(self, *, users: Callable[[], Sequence[Any]] = psutil.users) -> None:
         self._users = users
         self._seen: dict[SessionKey, Login] = {}
+        self.failure: str | None = None  # why it cannot read, while it cannot
 
     def restore(self, position: Mapping[str, Any]) -> None:
         for item in position.get("sessions", []):
@@ -91,7 +92,9 @@ class UtmpSource:
             current = {_key(user): user for user in self._users()}
         except (OSError, psutil.Error) as exc:
             log.warning("utmp_unreadable", error=str(exc))
+            self.failure = f"utmp is unreadable: {exc}"
             return []
+        self.failure = None
         logins: list[Login] = []
         for key in [k for k in self._seen if k not in current]:
             opened = self._seen.pop(key)

@@ -40,6 +40,7 @@ log = structlog.get_logger("agent.logins")
 
 class LoginSource(Protocol):
     name: str
+    failure: str | None  # why it cannot see logins right now (None: it can)
 
     def poll(self) -> list[Login]: ...
 
@@ -95,6 +96,8 @@ class LoginWatcher:
         self._held: list[tuple[float, Login]] = []
         self._failures: dict[str, Counter[str]] = {s.name: Counter() for s in self.sources}
         self._positions: dict[str, dict[str, Any]] = {}
+        self._failing: dict[str, str] = {}  # source name: why, while it fails
+        self._unreported: list[tuple[str, str]] = []
         self.corroborated = 0
         saved = state.load(self.state_path)
         for source in self.sources:
@@ -119,9 +122,11 @@ class LoginWatcher:
         for source in self.sources:
             try:
                 found = source.poll()
-            except Exception:
+            except Exception as exc:
                 log.exception("login_source_failed", source=source.name)
+                self._note(source.name, f"{type(exc).__name__}: {exc}")
                 continue
+            self._note(source.name, source.failure)
             for login in found:
                 if login.is_failure:
                     self._failures[source.name][login.event] += login.repeated
@@ -143,6 +148,24 @@ class LoginWatcher:
             )
         self._positions = {source.name: source.position() for source in self.sources}
         return events
+
+    def _note(self, name: str, failure: str | None) -> None:
+        if failure is None:
+            if self._failing.pop(name, None) is not None:
+                log.info("login_source_recovered", source=name)
+        elif name not in self._failing:
+            self._failing[name] = failure
+            self._unreported.append((name, failure))
+
+    def new_failures(self) -> list[tuple[str, str]]:
+        """(source, why) for each source that started failing since the last call: once
+        per failure, again only after it has recovered and fails anew."""
+        out, self._unreported = self._unreported, []
+        return out
+
+    @property
+    def failing(self) -> dict[str, str]:
+        return dict(self._failing)
 
     def commit(self) -> None:
         """Save the positions as of the last :meth:`poll` (atomic, fsync'd)."""

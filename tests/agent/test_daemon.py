@@ -215,11 +215,17 @@ def test_bad_config_exits_78_naming_file_key_and_value(runner: Runner, tmp_path:
     assert "agent.toml: [collector] read_timeout_s = 'ten' is not a number" in runner.log(0)
 
 
+def _new_token(receiver: Receiver) -> str:
+    """A fresh enrollment token the receiver accepts."""
+    secret = "s3cret-" + os.urandom(4).hex()
+    receiver.tokens.add(secret)
+    return secret
+
+
 def test_token_never_reaches_the_log(
     runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
 ) -> None:
-    secret = "s3cret-" + os.urandom(4).hex()
-    receiver.tokens.add(secret)
+    secret = _new_token(receiver)
     proc = runner.start(
         "--once", "--root", str(root), "--state-dir", str(tmp_path / "state"),
         "--collector", receiver.url, "--enroll-token", secret,
@@ -228,6 +234,51 @@ def test_token_never_reaches_the_log(
     assert receiver.enrollments
     log = runner.log(0)
     assert "enrolled" in log and secret not in log
+    (deprecated,) = [
+        e for e in _log_events(log) if e["event"] == "enroll_token_argument_deprecated"
+    ]
+    assert "--enroll-token-file" in deprecated["advice"]
+
+
+def test_the_token_file_is_read_only_to_enroll_and_not_needed_again(
+    runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    secret = _new_token(receiver)
+    token_file = tmp_path / "enroll.token"
+    token_file.write_text(secret + "\n")
+    args = [
+        "--once", "--root", str(root), "--state-dir", str(tmp_path / "state"),
+        "--collector", receiver.url, "--enroll-token-file", str(token_file),
+    ]  # fmt: skip
+    assert runner.start(*args).wait(60) == 0, runner.log(0)
+    assert len(receiver.enrollments) == 1
+    spent = [e for e in _log_events(runner.log(0)) if e["event"] == "enroll_token_file_spent"]
+    assert [e["path"] for e in spent] == [str(token_file)]
+    token_file.unlink()  # as the log advises
+    # The next start does not need it: it is enrolled.
+    assert runner.start(*args).wait(60) == 0, runner.log(1)
+    assert len(receiver.enrollments) == 1
+    assert not [e for e in _log_events(runner.log(1)) if e["level"] == "error"]
+    # Not enrolled (another state directory), the missing file is a configuration error.
+    args[args.index("--state-dir") + 1] = str(tmp_path / "other-state")
+    assert runner.start(*args).wait(60) == EXIT_CONFIG
+    assert "enroll_token_file cannot be read" in runner.log(2)
+
+
+def test_a_token_from_the_environment_is_not_in_the_command_line(
+    runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    secret = _new_token(receiver)
+    proc = runner.start(
+        "--root", str(root), "--state-dir", str(tmp_path / "state"), "--collector", receiver.url,
+        extra_env={"DRIFTWARDEN_ENROLL_TOKEN": secret},
+    )  # fmt: skip
+    receiver.wait_for(lambda rx: "agent_start" in rx.kinds())
+    cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, runner.log(0)
+    assert receiver.enrollments and secret.encode() not in cmdline
+    assert secret not in runner.log(0)
 
 
 # --- identity --------------------------------------------------------------------------------
@@ -484,6 +535,26 @@ def test_an_ssh_login_is_reported_with_the_policy_verdict(
     assert saved  # the position is kept, so a restart does not report it again
 
 
+def test_a_failing_login_source_is_reported_once_and_the_agent_goes_on(
+    runner: Runner, root: Path, receiver: Receiver, tmp_path: Path
+) -> None:
+    auth_log = tmp_path / "auth.log"
+    auth_log.mkdir()  # what should be sshd's log cannot be read
+    config = runner.config(root, receiver.url, poll_interval_s=0.02, heartbeat_interval_s=0.2)
+    with config.open("a") as fh:
+        fh.write(f'[logins]\nauth_logs = ["{auth_log}"]\njournal = false\nutmp = false\n')
+    proc = runner.start("--config", str(config))
+    receiver.wait_for(lambda rx: len([e for e in rx.envelopes() if e.kind == "heartbeat"]) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, runner.log(0)
+
+    failed = [f for f in _findings(receiver, "integrity") if f["reason"] == "login_source_failed"]
+    assert len(failed) == 1, failed  # once, though the source failed at every poll
+    assert f"the authlog:{auth_log} login source failed" in failed[0]["detail"]
+    assert "integrity unknown" in failed[0]["detail"]
+    assert receiver.envelopes()[-1].kind == "agent_stop"
+
+
 # --- the realtime guard ----------------------------------------------------------------------
 
 
@@ -558,6 +629,8 @@ def test_a_change_while_running_arrives_as_a_signed_realtime_finding(
     envs = receiver.envelopes(MACHINE_ID)
     key = keys.load_public(guarded["state"] / "host-key.pem.pub")
     wire.verify_chain([e.to_json() for e in envs], key)  # signed, chained, no gap
+    assert [e.kind for e in envs[:2]] == ["agent_start", "boot"]
+    assert envs[0].body["watch_backend"] == backend  # the backend in use, named from the start
     assert envs[-1].kind == "agent_stop"
     reported = {f.get("path") for e in envs if e.kind == "finding" for f in e.body["findings"]}
     assert reported == {"/etc/passwd"}  # not the log, the state directory or the manifest

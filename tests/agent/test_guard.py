@@ -44,12 +44,17 @@ class Guarded:
 
 
 @contextmanager
-def guarding(tmp_path: Path, backend: str, config: RescanConfig = QUIET) -> Iterator[Guarded]:
+def guarding(
+    tmp_path: Path,
+    backend: str,
+    config: RescanConfig = QUIET,
+    guard_config: GuardConfig | None = None,
+) -> Iterator[Guarded]:
     img = image(tmp_path)
     found = Recorder()
     judge = img.judge()
     rescanner = Rescanner(judge, found, config=config)
-    guard = Guard(judge, found, rescanner, config=GuardConfig(backend=backend))
+    guard = Guard(judge, found, rescanner, config=guard_config or GuardConfig(backend=backend))
     guard.start()
     try:
         yield Guarded(img, found, guard, rescanner)
@@ -332,3 +337,69 @@ def test_watch_limit_is_reported_with_advice_and_rescans_take_over(tmp_path: Pat
             child.kill()
             child.wait()
         child.stdout.close()
+
+
+# --- a backend that dies -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["inotify", pytest.param("fanotify", marks=pytest.mark.root)])
+def test_a_backend_whose_reader_dies_is_reported_and_rescans_take_over(
+    tmp_path: Path, backend: str
+) -> None:
+    if backend == "fanotify":
+        usable, why = fanotify.available()
+        if not usable:
+            pytest.skip(why)
+    rescans = RescanConfig(
+        metadata_interval_s=3600, full_rehash_period_s=1e9, fallback_interval_s=0.2
+    )
+    with guarding(tmp_path, backend, rescans) as g:
+        guard, found, img = g.guard, g.found, g.image
+        g.rescanner.start()
+        assert guard.backend is not None and guard.health().backend == backend
+        # The reader's descriptor becomes a directory's: its next read fails (EISDIR).
+        reader_fd = guard.backend._fd if backend == "fanotify" else guard.backend._fd._inotify_fd  # type: ignore[attr-defined]
+        directory = os.open(img.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with capture_logs():
+                os.dup2(directory, reader_fd)
+                (img.root / "etc" / "hostname").write_text("woken\n")  # something to read
+                source, finding = found.wait_for(lambda _s, f: f.get("type") == "integrity")
+        finally:
+            os.close(directory)
+        assert (source, finding["reason"], finding["severity"]) == (
+            "integrity",
+            f"{backend}_failed",
+            "warning",
+        )
+        assert f"the {backend} reader failed" in finding["detail"]
+        assert "falling back to frequent rescans" in finding["detail"]
+        wait_until(lambda: guard.health().backend == "polling", what="the guard to fall back")
+        assert g.rescanner.health().degraded == f"{backend}_failed"
+        # Nothing watches in realtime any more, and still a change is found: by a rescan.
+        (img.root / "etc" / "passwd").write_text("mallory:x:0:0::/:/bin/sh\n")
+        source, _ = found.wait_for(lambda s, f: f.get("path") == "/etc/passwd")
+        assert source == "rescan"
+        assert guard.running
+
+
+@pytest.mark.root
+def test_a_reader_thread_that_ends_without_a_word_is_noticed(tmp_path: Path) -> None:
+    usable, why = fanotify.available()
+    if not usable:
+        pytest.skip(why)
+    quick = GuardConfig(backend="fanotify", check_interval_s=0.05)
+    with guarding(tmp_path, "fanotify", guard_config=quick) as g:
+        guard, found = g.guard, g.found
+        backend = guard.backend
+        assert isinstance(backend, fanotify.FanotifyBackend)
+        backend._stopping.set()  # its reader ends, and nobody told the guard
+        os.write(backend._wake_w, b"x")
+        with capture_logs() as logs:
+            _, finding = found.wait_for(lambda _s, f: f.get("type") == "integrity")
+        assert finding["reason"] == "fanotify_failed"
+        assert finding["detail"].startswith("the fanotify reader thread has ended")
+        assert [e["failure"] for e in logs if e["event"] == "guard_backend_died"] == [
+            "the fanotify reader thread has ended"
+        ]
+        assert guard.health().backend == "polling" and guard.running

@@ -17,6 +17,7 @@ from typing import Any
 
 import paramiko
 import pytest
+from structlog.testing import capture_logs
 
 from agent.logins import AuthLogSource, JournalSource, Login, LoginWatcher, UtmpSource
 from agent.logins.parse import LineParser, split_syslog
@@ -257,6 +258,42 @@ def test_missing_and_unreadable_files_are_not_fatal(tmp_path: Path) -> None:
 
 def _watcher(state_dir: Path, *paths: Path, **kwargs: Any) -> LoginWatcher:
     return LoginWatcher(state_dir, [AuthLogSource(p, rotate_grace_s=0) for p in paths], **kwargs)
+
+
+def test_a_failing_source_is_reported_once_until_it_recovers(tmp_path: Path) -> None:
+    log_path = tmp_path / "auth.log"
+    log_path.mkdir()  # not a file: reading it fails
+    journalctl = tmp_path / "journalctl"  # missing: it cannot be started
+    journal = JournalSource(journalctl=str(journalctl), restart_backoff_s=0)
+    watcher = LoginWatcher(tmp_path, [journal, AuthLogSource(log_path, rotate_grace_s=0)])
+    authlog = f"authlog:{log_path}"
+    with capture_logs():
+        assert watcher.poll() == []
+    failed = dict(watcher.new_failures())
+    assert set(failed) == {"journal", authlog}
+    assert failed["journal"].startswith("journalctl cannot be started")
+    assert "IsADirectoryError" in failed[authlog]
+    with capture_logs():
+        assert watcher.poll() == []
+    assert watcher.new_failures() == []  # once, not at every poll
+
+    entry = {
+        "__CURSOR": "c1",
+        "__REALTIME_TIMESTAMP": "1795600000000000",
+        "SYSLOG_IDENTIFIER": "sshd",
+        "SYSLOG_PID": "4242",
+        "MESSAGE": "Accepted publickey for ops from 192.0.2.1 port 7 ssh2: ED25519 SHA256:abc",
+    }
+    journalctl.write_text(f"#!/bin/sh\necho '{json.dumps(entry)}'\nexec sleep 30\n")
+    journalctl.chmod(0o755)
+    found: list[Login] = []
+    with capture_logs() as logs:
+        wait_until(lambda: found.extend(watcher.poll()) or found, what="the journal login")
+    assert _ports(found) == [7]
+    assert [e["source"] for e in logs if e["event"] == "login_source_recovered"] == ["journal"]
+    assert list(watcher.failing) == [authlog]  # still failing, and not reported again
+    assert watcher.new_failures() == []
+    watcher.close()
 
 
 def test_one_login_seen_by_two_sources_is_reported_once(tmp_path: Path) -> None:

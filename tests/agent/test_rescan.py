@@ -4,19 +4,23 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from agent.rescan import (
     IOPRIO_CLASS_IDLE,
     IOPRIO_CLASS_SHIFT,
     IoBudget,
+    RehashPlace,
     RescanConfig,
     Rescanner,
     hash_budgeted,
@@ -201,3 +205,58 @@ def test_a_requested_pass_interrupts_a_slow_rehash(tmp_path: Path) -> None:
         rescanner.request("overflow")
         wait_until(lambda: rescanner.passes == 1, what="the requested pass")
         assert budget.total < others + huge  # the pass did not wait for the big file
+
+
+def test_a_restart_resumes_the_rehash_round_where_it_stood(tmp_path: Path) -> None:
+    img = image(tmp_path)
+    for index in range(8):
+        (img.root / f"usr/lib/big{index}").write_bytes(os.urandom(150_000))
+    img = image_rebaked(img, tmp_path)
+    sizes = [
+        e.size
+        for e in img.baseline
+        if e.type == "file" and e.digest is not None and img.policy.wants_content(e.path)
+    ]
+    place = tmp_path / "state" / "rehash.json"
+    place.parent.mkdir()
+    config = RescanConfig(
+        metadata_interval_s=3600,
+        full_rehash_period_s=3,  # paced to about 3 s for the round
+        io_budget_mb_s=1.0,
+        chunk_bytes=64 << 10,
+    )
+
+    def rescanner(baseline: str = "image-1") -> Rescanner:
+        return Rescanner(
+            img.judge(), Recorder(), config=config, place_file=place, baseline=baseline
+        )
+
+    first = rescanner()
+    first.start()
+    wait_until(lambda: first.rehash._done >= 3, 30, "three files re-hashed")
+    assert first.stop()
+    saved = json.loads(place.read_text())
+    done = saved["done"]
+    assert (
+        3 <= done < len(sizes) and saved["finished_at"] is None and saved["baseline"] == "image-1"
+    )
+
+    second = rescanner()
+    assert second.health().last_full_rehash is None and second.rehash.first_round_in_s() == 0
+    with capture_logs() as logs:
+        second.start()
+        wait_until(lambda: second.health().last_full_rehash is not None, 60, "the round")
+        assert second.stop()
+    (resumed,) = [e for e in logs if e["event"] == "full_rehash_resumed"]
+    assert (resumed["done"], resumed["files"]) == (done, len(sizes))
+    assert second.rehash.budget.total == sum(sizes[done:])  # only what was left was read
+    finished = json.loads(place.read_text())
+    assert finished["done"] == len(sizes) and finished["finished_at"] is not None
+    assert finished["started_at"] == saved["started_at"]  # the same round, resumed
+
+    RehashPlace("image-1", time.time(), len(sizes), time.time()).save(place)
+    third = rescanner()  # after a finished round: the next one when it is due, not at once
+    assert third.health().last_full_rehash is not None
+    assert 2 < third.rehash.first_round_in_s() <= 3
+    other = rescanner("image-2")  # another image: a round of its own, at once
+    assert other.health().last_full_rehash is None and other.rehash.first_round_in_s() == 0
