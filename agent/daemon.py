@@ -24,7 +24,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -74,11 +74,23 @@ class Source(Protocol):
 
     def poll(self) -> list[dict[str, Any]]: ...  # wire findings, never blocks
 
+    def stage(self, q: int) -> None: ...  # the last poll's findings go into spool record q
+
     def commit(self) -> None: ...  # the findings of the last poll are queued durably
 
     def failures(self) -> list[dict[str, Any]]: ...  # integrity findings, each reported once
 
     def close(self) -> None: ...
+
+
+def _staging(source: Source) -> Callable[[int], None]:
+    def stage(q: int) -> None:
+        try:
+            source.stage(q)
+        except Exception:  # the positions stay behind: the findings may be repeated
+            log.exception("source_stage_failed", source=source.name)
+
+    return stage
 
 
 class SignalReceiver:
@@ -329,8 +341,14 @@ class Daemon:
             from agent.sources import LoginSource  # psutil (utmp): only when logins are watched
 
             mode = check.policy.ssh_login if check.policy else "taint"
+            after = self.reporter.spool.next_q  # records below it were written before this start
             sources.append(
-                LoginSource(self.config.agent.state_dir, self.config.logins, ssh_login=mode)
+                LoginSource(
+                    self.config.agent.state_dir,
+                    self.config.logins,
+                    ssh_login=mode,
+                    written=lambda q: q < after,
+                )
             )
         return sources
 
@@ -402,7 +420,8 @@ class Daemon:
             if self._failed_sources.pop(source.name, None) is not None:
                 log.info("source_recovered", source=source.name)
             if findings:
-                self.reporter.report("finding", {"source": source.name, "findings": findings})
+                body = {"source": source.name, "findings": findings}
+                self.reporter.report("finding", body, staged=_staging(source))
             try:
                 source.commit()
             except Exception:

@@ -120,9 +120,20 @@ class Reporter:
 
     # --- reporting -------------------------------------------------------------------------
 
-    def report(self, kind: str, body: Mapping[str, Any]) -> None:
-        """Queue a report (split when its findings do not fit one envelope)."""
-        for part_kind, part in split_findings(kind, body):
+    def report(
+        self,
+        kind: str,
+        body: Mapping[str, Any],
+        *,
+        staged: Callable[[int], None] | None = None,
+    ) -> None:
+        """Queue a report (split when its findings do not fit one envelope). ``staged`` is
+        called first with the queue number of the report's last record (only the loop thread
+        queues reports, so the numbers are known before they are written)."""
+        parts = list(split_findings(kind, body))
+        if staged is not None:
+            staged(self.spool.next_q + len(parts) - 1)
+        for part_kind, part in parts:
             self.spool.put(part_kind, part, boot_id=self.boot_id)
         self._wake()
 

@@ -5,14 +5,17 @@
 - ``LoginSource``: SSH logins from ``agent.logins.LoginWatcher`` (journal, auth logs, utmp),
   each judged by the policy's ``ssh_login`` (``taint``, ``alert`` or ``allow``).
 
-The loop calls ``poll()``, queues what it returns durably, then ``commit()``: a source saves
-its position only then, so a crash in between repeats an event rather than losing it. Then
+The loop calls ``poll()``; when it returned findings, ``stage(q)`` with the spool number the
+report is about to get, then queues them durably, then ``commit()``: a source's position
+becomes final only once the report is written, so a crash in between neither repeats nor
+loses an event (``agent.logins.state``). Then
 ``failures()``: integrity findings for what the source could not see (reported as source
 ``integrity``), each once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +30,20 @@ _OPENING = frozenset({"accepted", "session_open"})
 class LoginSource:
     name = "ssh"
 
-    def __init__(self, state_dir: Path, config: LoginsSection, *, ssh_login: str) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        config: LoginsSection,
+        *,
+        ssh_login: str,
+        written: Callable[[int], bool] | None = None,
+    ) -> None:
         sources = default_sources(
             auth_logs=list(config.auth_logs) or None,
             journal=None if config.journal else False,
             utmp=config.utmp,
         )
-        self._watcher = LoginWatcher(state_dir, sources)
+        self._watcher = LoginWatcher(state_dir, sources, written=written)
         self._verdict = ssh_login
 
     def poll(self) -> list[dict[str, Any]]:
@@ -57,6 +67,9 @@ class LoginSource:
             )
             for name, why in self._watcher.new_failures()
         ]
+
+    def stage(self, q: int) -> None:
+        self._watcher.stage(q)
 
     def commit(self) -> None:
         self._watcher.commit()

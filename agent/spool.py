@@ -149,6 +149,13 @@ class Spool:
                 log.info("spool_resumed", already_sealed=len(stale))
             self._next_q = max(self._next_q, last_sealed_q + 1)
 
+    @property
+    def next_q(self) -> int:
+        """The queue number the next ``put`` gets: every record numbered below it was written
+        (or, on a full disk, kept in memory)."""
+        with self._lock:
+            return self._next_q
+
     def put(self, kind: str, body: Mapping[str, Any], *, boot_id: str, time: str = "") -> None:
         """Queue a report durably; on a full disk keep it in memory (never raises for that)."""
         with self._lock:

@@ -4,6 +4,12 @@ Written atomically (temporary file, fsync, rename, fsync of the directory), so a
 either the old positions or the new ones, never a torn file. A file that cannot be read is
 logged and set aside as ``NAME.bad``; the sources then start from their beginnings, which may
 repeat lines but never loses one.
+
+Positions that have read past logins not yet queued are saved *pending* on the spool record
+that will carry them (its queue number ``q``), with the positions before them. After a crash,
+``load`` keeps the new positions only if that record was written (the spool's next number is
+past ``q``), else the previous ones: a kill between queueing the logins and saving the
+positions neither repeats nor loses a login.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,8 +29,10 @@ STATE_VERSION: Final = 1
 log = structlog.get_logger("agent.logins")
 
 
-def load(path: Path) -> dict[str, dict[str, Any]]:
-    """Each source's saved position by source name; empty when there is none."""
+def load(path: Path, *, written: Callable[[int], bool] | None = None) -> dict[str, dict[str, Any]]:
+    """Each source's saved position by source name; empty when there is none. ``written(q)``
+    says whether spool record ``q`` exists, to settle pending positions (without it, the
+    previous positions are taken: a login may repeat, never be lost)."""
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -37,12 +46,28 @@ def load(path: Path) -> dict[str, dict[str, Any]]:
         log.warning("login_state_unreadable", path=str(path), error="unknown shape or version")
         _set_aside(path)
         return {}
+    pending = data.get("pending")
+    if isinstance(pending, dict) and isinstance(pending.get("previous"), dict):
+        q = pending.get("q")
+        if not (isinstance(q, int) and written is not None and written(q)):
+            log.info("login_positions_rolled_back", path=str(path), pending_q=q)
+            sources = pending["previous"]
     return {name: pos for name, pos in sources.items() if isinstance(pos, dict)}
 
 
-def save(path: Path, positions: dict[str, dict[str, Any]]) -> None:
-    """Replace the state file atomically and durably."""
-    data = json.dumps({"version": STATE_VERSION, "sources": positions}, sort_keys=True)
+def save(
+    path: Path,
+    positions: dict[str, dict[str, Any]],
+    *,
+    pending_q: int | None = None,
+    previous: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Replace the state file atomically and durably; with ``pending_q``, the positions hold
+    only once spool record ``pending_q`` is written, else ``previous`` do (see above)."""
+    obj: dict[str, Any] = {"version": STATE_VERSION, "sources": positions}
+    if pending_q is not None:
+        obj["pending"] = {"q": pending_q, "previous": previous or {}}
+    data = json.dumps(obj, sort_keys=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

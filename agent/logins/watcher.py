@@ -85,6 +85,7 @@ class LoginWatcher:
         corroborate_s: float = 10.0,
         dedup_window_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        written: Callable[[int], bool] | None = None,
     ) -> None:
         self.state_path = state_dir / STATE_FILE
         self.sources = list(sources)
@@ -99,7 +100,8 @@ class LoginWatcher:
         self._failing: dict[str, str] = {}  # source name: why, while it fails
         self._unreported: list[tuple[str, str]] = []
         self.corroborated = 0
-        saved = state.load(self.state_path)
+        saved = state.load(self.state_path, written=written)
+        self._committed: dict[str, dict[str, Any]] = saved
         for source in self.sources:
             if source.name in saved:
                 source.restore(saved[source.name])
@@ -167,10 +169,17 @@ class LoginWatcher:
     def failing(self) -> dict[str, str]:
         return dict(self._failing)
 
+    def stage(self, q: int) -> None:
+        """Save the positions as of the last :meth:`poll`, pending on spool record ``q``
+        (the one about to carry its logins); :meth:`commit` once it is written."""
+        if self._positions:
+            state.save(self.state_path, self._positions, pending_q=q, previous=self._committed)
+
     def commit(self) -> None:
         """Save the positions as of the last :meth:`poll` (atomic, fsync'd)."""
         if self._positions:
             state.save(self.state_path, self._positions)
+            self._committed = self._positions
 
     def close(self) -> None:
         for source in self.sources:

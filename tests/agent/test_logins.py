@@ -342,6 +342,30 @@ def test_positions_are_committed_atomically_and_restored(tmp_path: Path) -> None
         assert watcher.poll() == []
 
 
+def test_staged_positions_hold_only_if_their_spool_record_was_written(tmp_path: Path) -> None:
+    """A kill between queueing the logins and committing the positions: the positions staged
+    for spool record q hold when q was written (nothing repeats), else the previous ones do
+    (nothing is lost)."""
+    log = tmp_path / "auth.log"
+    _append(log, _accept(1))
+    with _watcher(tmp_path, log) as watcher:
+        assert _ports(watcher.poll()) == [1]
+        watcher.commit()
+        _append(log, _accept(2))
+        assert _ports(watcher.poll()) == [2]
+        watcher.stage(7)  # killed here: record 7 may or may not be on disk
+    with _watcher(tmp_path, log, written=lambda q: q < 7) as watcher:  # it was not
+        assert _ports(watcher.poll()) == [2]
+        watcher.stage(7)
+    with _watcher(tmp_path, log, written=lambda q: q < 8) as watcher:  # it was
+        assert watcher.poll() == []
+    with _watcher(tmp_path, log) as watcher:  # nobody can say: repeat rather than lose
+        assert _ports(watcher.poll()) == [2]
+        watcher.commit()
+    with _watcher(tmp_path, log) as watcher:
+        assert watcher.poll() == []
+
+
 def test_a_corrupt_state_file_is_set_aside(tmp_path: Path) -> None:
     (tmp_path / "logins.json").write_text("{torn")
     _append(tmp_path / "auth.log", _accept(1))
