@@ -52,6 +52,12 @@ def load(path: Path, *, written: Callable[[int], bool] | None = None) -> dict[st
         if not (isinstance(q, int) and written is not None and written(q)):
             log.info("login_positions_rolled_back", path=str(path), pending_q=q)
             sources = pending["previous"]
+        settled = {name: pos for name, pos in sources.items() if isinstance(pos, dict)}
+        try:  # settled now: record q's number is given to another report from here on
+            save(path, settled)
+        except SpoolError as exc:
+            log.warning("login_state_unwritable", path=str(path), error=str(exc))
+        return settled
     return {name: pos for name, pos in sources.items() if isinstance(pos, dict)}
 
 

@@ -176,8 +176,9 @@ class LoginWatcher:
             state.save(self.state_path, self._positions, pending_q=q, previous=self._committed)
 
     def commit(self) -> None:
-        """Save the positions as of the last :meth:`poll` (atomic, fsync'd)."""
-        if self._positions:
+        """Save the positions as of the last :meth:`poll` (atomic, fsync'd) if they moved:
+        the loop commits after every poll, and an idle agent writes nothing."""
+        if self._positions and self._positions != self._committed:
             state.save(self.state_path, self._positions)
             self._committed = self._positions
 

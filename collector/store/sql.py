@@ -104,12 +104,9 @@ class SqlStore:
         kept and written in a few statements just before the commit (``GroupTx``)."""
         return self._group_transaction()
 
-    def _read(self) -> AbstractContextManager[Connection]:
-        return self._connect(write=False)
-
     def read(self) -> AbstractContextManager[Connection]:
         """A connection for reads that need no write lock (metrics gauges, reports)."""
-        return self._read()
+        return self._connect(write=False)
 
     def _migration_lock(self, conn: Connection) -> None:
         """Serialise concurrent migrations (several replicas starting at once)."""
@@ -124,11 +121,11 @@ class SqlStore:
             log.info("schema_migrated", backend=self.backend, before=before, after=after)
 
     def schema_revision(self) -> tuple[str | None, str]:
-        with self._read() as conn:
+        with self.read() as conn:
             return migrate.current(conn), migrate.head()
 
     def ping(self) -> None:
-        with self._read() as conn:
+        with self.read() as conn:
             conn.execute(text("SELECT 1"))
 
     def close(self) -> None:
@@ -137,7 +134,7 @@ class SqlStore:
     # --- reads -------------------------------------------------------------------------------
 
     def host(self, host_id: str) -> Host | None:
-        with self._read() as conn:
+        with self.read() as conn:
             row = conn.execute(select(hosts).where(hosts.c.host_id == host_id)).first()
         return rows.host(row) if row else None
 
@@ -149,7 +146,7 @@ class SqlStore:
         query = select(hosts.c.host_id, hosts.c.key_id, hosts.c.public_key).limit(limit)
         if host_id is not None:
             query = query.where(hosts.c.host_id == host_id)
-        with self._read() as conn:
+        with self.read() as conn:
             return {r.host_id: (r.key_id, r.public_key) for r in conn.execute(query)}
 
     def hosts(self, *, state: HostState | None = None, image: str | None = None) -> list[Host]:
@@ -158,7 +155,7 @@ class SqlStore:
             query = query.where(hosts.c.state == state.value)
         if image is not None:
             query = query.where(hosts.c.image_build_id == image)
-        with self._read() as conn:
+        with self.read() as conn:
             return [rows.host(r) for r in conn.execute(query)]
 
     def transitions(self, host_id: str, *, limit: int = 100) -> list[Transition]:
@@ -168,7 +165,7 @@ class SqlStore:
             .order_by(transitions.c.id.desc())
             .limit(limit)
         )
-        with self._read() as conn:
+        with self.read() as conn:
             return [rows.transition(r) for r in conn.execute(query)]
 
     def findings(self, host_id: str, *, limit: int = 100) -> list[Finding]:
@@ -178,7 +175,7 @@ class SqlStore:
             .order_by(findings.c.id.desc())
             .limit(limit)
         )
-        with self._read() as conn:
+        with self.read() as conn:
             return [rows.finding(r) for r in conn.execute(query)]
 
     def reports(self, host_id: str, *, limit: int = 100) -> list[Report]:
@@ -188,7 +185,7 @@ class SqlStore:
             .order_by(envelopes.c.received_at.desc(), envelopes.c.seq.desc())
             .limit(limit)
         )
-        with self._read() as conn:
+        with self.read() as conn:
             return [rows.report(r) for r in conn.execute(query)]
 
     def drift_paths(self, host_ids: Sequence[str]) -> dict[str, set[str]]:
@@ -204,14 +201,14 @@ class SqlStore:
             )
             .distinct()
         )
-        with self._read() as conn:
+        with self.read() as conn:
             for host_id, path in conn.execute(query):
                 out[host_id].add(path)
         return out
 
     def state_counts(self) -> dict[str, int]:
         query = select(hosts.c.state, func.count()).group_by(hosts.c.state)
-        with self._read() as conn:
+        with self.read() as conn:
             return {state: int(count) for state, count in conn.execute(query)}
 
     def group_counts(self) -> list[tuple[str | None, str | None, str, int]]:
@@ -220,20 +217,20 @@ class SqlStore:
         query = select(c.pool, c.image_build_id, c.state, func.count()).group_by(
             c.pool, c.image_build_id, c.state
         )
-        with self._read() as conn:
+        with self.read() as conn:
             return [(pool, image, state, int(n)) for pool, image, state, n in conn.execute(query)]
 
     def fleet_events(self, *, open_only: bool = False) -> list[FleetEvent]:
         query = select(fleet_events).order_by(fleet_events.c.id.desc()).limit(100)
         if open_only:
             query = query.where(fleet_events.c.closed_at.is_(None))
-        with self._read() as conn:
+        with self.read() as conn:
             return [rows.fleet_event(r) for r in conn.execute(query)]
 
     # --- images ------------------------------------------------------------------------------
 
     def images(self) -> list[Image]:
-        with self._read() as conn:
+        with self.read() as conn:
             return [rows.image(r) for r in conn.execute(select(images).order_by(images.c.build_id))]
 
     def put_image(self, image: Image) -> Image:
@@ -272,12 +269,12 @@ class SqlStore:
         query = select(api_tokens).where(
             api_tokens.c.token_hash == token_hash, api_tokens.c.revoked_at.is_(None)
         )
-        with self._read() as conn:
+        with self.read() as conn:
             row = conn.execute(query).first()
         return rows.api_token(row) if row else None
 
     def api_tokens(self) -> list[ApiToken]:
-        with self._read() as conn:
+        with self.read() as conn:
             return [rows.api_token(r) for r in conn.execute(select(api_tokens).order_by("id"))]
 
     def revoke_api_token(self, token_id: int) -> bool:
@@ -309,7 +306,7 @@ class SqlStore:
         return rows.enroll_token(row)
 
     def enroll_tokens(self) -> list[EnrollToken]:
-        with self._read() as conn:
+        with self.read() as conn:
             query = select(enroll_tokens).order_by("id")
             return [rows.enroll_token(r) for r in conn.execute(query)]
 
@@ -406,10 +403,10 @@ class SqlStore:
             query = query.where(jobs.c.kind == kind)
         if state is not None:
             query = query.where(jobs.c.state == state)
-        with self._read() as conn:
+        with self.read() as conn:
             return [rows.job(r) for r in conn.execute(query)]
 
     def job_counts(self) -> dict[tuple[str, str], int]:
         query = select(jobs.c.kind, jobs.c.state, func.count()).group_by(jobs.c.kind, jobs.c.state)
-        with self._read() as conn:
+        with self.read() as conn:
             return {(kind, state): int(n) for kind, state, n in conn.execute(query)}

@@ -338,6 +338,10 @@ def test_positions_are_committed_atomically_and_restored(tmp_path: Path) -> None
     with _watcher(tmp_path, log) as watcher:
         assert _ports(watcher.poll()) == [2]
         watcher.commit()
+        written = (tmp_path / "logins.json").stat().st_ino
+        assert watcher.poll() == []
+        watcher.commit()  # nothing moved: nothing written (the file is replaced on a save)
+        assert (tmp_path / "logins.json").stat().st_ino == written
     with _watcher(tmp_path, log) as watcher:
         assert watcher.poll() == []
 
@@ -359,8 +363,14 @@ def test_staged_positions_hold_only_if_their_spool_record_was_written(tmp_path: 
         watcher.stage(7)
     with _watcher(tmp_path, log, written=lambda q: q < 8) as watcher:  # it was
         assert watcher.poll() == []
+        _append(log, _accept(3))
+        assert _ports(watcher.poll()) == [3]
+        watcher.stage(9)
+    # settled at load: a later report numbered 7 cannot be taken for the staged one
+    assert "pending" in json.loads((tmp_path / "logins.json").read_text())
     with _watcher(tmp_path, log) as watcher:  # nobody can say: repeat rather than lose
-        assert _ports(watcher.poll()) == [2]
+        assert "pending" not in json.loads((tmp_path / "logins.json").read_text())
+        assert _ports(watcher.poll()) == [3]
         watcher.commit()
     with _watcher(tmp_path, log) as watcher:
         assert watcher.poll() == []
