@@ -15,9 +15,11 @@ reads the files ahead while the worker hashes, and a cold cache costs little mor
 reads themselves. The file is still checked against what ``lstat`` saw after it is read.
 
 Two modes: ``measure`` (every entry measured and hashed: bake, ``check --full``) and ``stat``
-(``lstat`` only: ``check``), where the caller compares each path's signature — type, size,
-mtime, ctime, inode — with its reference and only the paths that differ are measured, in a
-second round of tasks.
+(``lstat`` only: ``check``), where each path's signature — type, size, mtime, ctime, inode —
+is compared with a reference and only the paths that differ are measured, in a second round
+of tasks. Given the reference when it is made, the walk compares in its workers (each has a
+copy), which send back only the paths that differ and, per task, the unchanged ones as one
+string: the caller handles no item per unchanged path. Otherwise the caller compares.
 
 Each inode with several links is hashed at most once per worker process; the ``k`` field of
 later names is set here, in manifest order.
@@ -86,6 +88,7 @@ _FMT_CODES: Final = {
 #   ("S", path, signature, is_dir)   a path seen in stat mode
 #   ("X", path, full)                the contents of directory path come from another task
 #   ("M", path)                      a mount point not descended
+#   ("R", count, paths)              the task's paths unchanged against the reference
 Item = tuple[Any, ...]
 
 
@@ -93,6 +96,14 @@ class Same(NamedTuple):
     """A path the walk saw unchanged against its reference."""
 
     path: str
+
+
+class SameRun(NamedTuple):
+    """Paths a walk's worker saw unchanged against its reference: ``total`` of them, their
+    paths joined by NUL (which no path holds), split only by whoever needs them."""
+
+    total: int
+    paths: str
 
 
 class Reference(Protocol):
@@ -107,12 +118,19 @@ class _Scanner:
     """The work of one task; lives in each worker process (or in the caller, for one)."""
 
     def __init__(
-        self, root: str, policy: Policy, mounts: MountTable, ignore: frozenset[str]
+        self,
+        root: str,
+        policy: Policy,
+        mounts: MountTable,
+        ignore: frozenset[str],
+        reference: Reference | None = None,
     ) -> None:
         self.root = root
         self.policy = policy
         self.mounts = mounts
         self.ignore = ignore
+        self.reference = reference
+        self.same: list[str] = []  # the task's paths found unchanged against the reference
         self.root_dev = -1
         self.links: dict[tuple[int, int], Entry] = {}
         # Paths to measure, in order, each with its place in ``out`` and, for a file to hash,
@@ -124,6 +142,7 @@ class _Scanner:
         kind = task[0]
         out: list[Item | None] = []
         deferred: list[tuple[str, str]] = []
+        same = self.same = []
         try:
             if kind == "top":
                 self._top(task[1], task[2], out, deferred)
@@ -135,6 +154,8 @@ class _Scanner:
                     self._measure_path(path, out)
             while self.ahead:
                 self._settle(out)
+            if same:
+                out.append(("R", len(same), "\0".join(same)))
         finally:
             while self.ahead:
                 opened = self.ahead.popleft()[-1]
@@ -236,7 +257,12 @@ class _Scanner:
         if not measure:
             code = _FMT_CODES.get(stat.S_IFMT(mode), "?")
             hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            out.append(("S", path, (code, st.st_size, hints), stat.S_ISDIR(mode)))
+            signature = (code, st.st_size, hints)
+            reference = self.reference
+            if reference is not None and reference.unchanged(path, signature):
+                self.same.append(path)
+            else:
+                out.append(("S", path, signature, stat.S_ISDIR(mode)))
             return 1
         opened = None
         size = st.st_size
@@ -330,7 +356,9 @@ class Walk:
     """Walk ``root`` per ``policy``: ``records()`` for bake, ``compared(reference)`` for check.
 
     ``workers`` processes do the work (0: one per core; 1: none, all in this process).
-    ``fast`` selects stat mode. Afterwards ``count`` is the number of paths, ``measured``
+    ``fast`` selects stat mode; with a ``reference`` the workers compare against it
+    themselves (it is copied into them when the walk starts: ``compared`` must be given the
+    same). Afterwards ``count`` is the number of paths, ``measured``
     those measured (in stat mode, the ones that differed), ``skipped`` the mount points not
     descended. Use it as a context manager, or call ``close``.
     """
@@ -344,6 +372,7 @@ class Walk:
         fast: bool = False,
         ignore: frozenset[str] = frozenset(),
         mounts: MountTable | None = None,
+        reference: Reference | None = None,
     ) -> None:
         self.root = root_prefix(root)
         self.policy = policy
@@ -353,7 +382,11 @@ class Walk:
         self.measured = 0
         self.skipped: list[str] = []
         self._scanner = _Scanner(
-            self.root, policy, mounts if mounts is not None else MountTable.from_proc(), ignore
+            self.root,
+            policy,
+            mounts if mounts is not None else MountTable.from_proc(),
+            ignore,
+            reference if fast else None,
         )
         self._pool: ProcessPoolExecutor | None = None
         self._top: tuple[Any, ...] | None = None
@@ -407,10 +440,15 @@ class Walk:
                 self.workers,
                 mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
-                initargs=(self._scanner, _STAT_NICENESS if self.fast else 0),
+                initargs=(self._scanner, self._niceness()),
             )
             with self._lock:
                 self._launch(_TOP, self._top)
+
+    def _niceness(self) -> int:
+        """The caller is the critical path when it compares (see ``_STAT_NICENESS``); when the
+        workers do, it waits for them."""
+        return _STAT_NICENESS if self.fast and self._scanner.reference is None else 0
 
     # -- putting the pieces back in order -----------------------------------------------------
 
@@ -494,18 +532,41 @@ class Walk:
 
     def compared(self, reference: Reference) -> Iterator[Entry | Same]:
         """Every path as ``Same`` where ``reference`` has it as it is, else measured."""
+        for item in self._compared(reference):
+            if isinstance(item, SameRun):
+                yield from map(Same, item.paths.split("\0"))
+            else:
+                yield item
+
+    def changes(self) -> Iterator[Entry | SameRun]:
+        """In stat mode with a reference (which the workers compared against): every path
+        that differs from it, measured, and the unchanged ones as a ``SameRun`` per task."""
+        reference = self._scanner.reference
+        assert reference is not None, "changes() needs stat mode and a reference"
+        for item in self._compared(reference):
+            assert not isinstance(item, Same)
+            yield item
+
+    def _compared(self, reference: Reference) -> Iterator[Entry | Same | SameRun]:
         if not self.fast:
             for path, line, _is_dir in self.records():
                 yield Same(path) if reference.same_line(path, line) else record.from_line(line)
             return
+        compared = self._scanner.reference
+        if compared is not None and compared is not reference:
+            raise ValueError("the walk compares against the reference it was made with")
         differ: list[str] = []
         unchanged = reference.unchanged
         count = self.count
         try:
             for item in self._items():
+                if item[0] == "R":
+                    count += item[1]
+                    yield SameRun(item[1], item[2])
+                    continue
                 count += 1
                 path = item[1]
-                if unchanged(path, item[2]):
+                if compared is None and unchanged(path, item[2]):
                     yield Same(path)
                 else:
                     differ.append(path)
