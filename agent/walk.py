@@ -194,49 +194,50 @@ class _Scanner:
         out: list[Item | None],
         deferred: list[tuple[str, str]],
     ) -> None:
+        """Walk below the directory ``path`` depth first, in manifest order, until ``budget``
+        is spent; the directories met after that are left to other tasks."""
         spent = 0
-        stack = [self._children(full, path)]
-        while stack:
-            child = next(stack[-1], None)
-            if child is None:
-                stack.pop()
-                continue
-            cpath, cfull, st = child
-            is_dir = stat.S_ISDIR(st.st_mode)
-            if is_dir and self._skip_mount(cpath, cfull, st, out):
-                continue
-            spent += self._emit(cpath, cfull, st, measure, out)
-            if is_dir:
-                if spent < budget:
-                    stack.append(self._children(cfull, cpath))
-                else:
-                    out.append(("X", cpath, cfull))
-                    deferred.append((cpath, cfull))
-
-    def _children(self, full: str, path: str) -> Iterator[tuple[str, str, os.stat_result]]:
-        try:
-            with os.scandir(full) as it:
-                names = sorted(
-                    (e.name for e in it), key=lambda n: n.encode("utf-8", "surrogateescape")
-                )
-        except OSError as exc:
-            if exc.errno in (*_GONE, errno.EACCES, errno.EPERM):
-                return  # vanished, or unreadable (the directory's own entry still stands)
-            raise
-        prefix = "" if path == "/" else path
-        fprefix = "" if full == "/" else full
         excluded = self.policy.excluded
         ignore = self.ignore
-        for name in names:
-            child = prefix + "/" + name
-            if excluded(child) or child in ignore:
+        reference = self.reference
+        same = self.same
+        stack = [_listing(full, path)]
+        while stack:
+            names, prefix, fprefix = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
                 continue
-            cfull = fprefix + "/" + name
+            cpath = prefix + name
+            if excluded(cpath) or cpath in ignore:
+                continue
+            cfull = fprefix + name
             try:
-                yield child, cfull, os.lstat(cfull)
+                st = os.lstat(cfull)
             except OSError as exc:
                 if exc.errno not in _GONE:
                     raise
+                continue
+            mode = st.st_mode
+            is_dir = stat.S_ISDIR(mode)
+            if is_dir and st.st_dev != self.root_dev and self._skip_mount(cpath, cfull, st, out):
+                continue
+            if measure:
+                spent += self._emit(cpath, cfull, st, measure, out)
+            else:  # ``_emit`` in stat mode, inline: a check does this for every path
+                spent += 1
+                hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                signature = (_FMT_CODES.get(stat.S_IFMT(mode), "?"), st.st_size, hints)
+                if reference is not None and reference.unchanged(cpath, signature):
+                    same.append(cpath)
+                else:
+                    out.append(("S", cpath, signature, is_dir))
+            if is_dir:
+                if spent < budget:
+                    stack.append(_listing(cfull, cpath))
+                else:
+                    out.append(("X", cpath, cfull))
+                    deferred.append((cpath, cfull))
 
     def _skip_mount(self, path: str, full: str, st: os.stat_result, out: list[Item | None]) -> bool:
         if st.st_dev == self.root_dev:
@@ -335,6 +336,27 @@ class _Scanner:
                 return
             raise
         self._emit(path, full, st, True, out)
+
+
+def _listing(full: str, path: str) -> tuple[Iterator[str], str, str]:
+    """The names in the directory ``full`` (``path`` in the image) in manifest order, and the
+    prefixes that make them paths: nothing if it vanished or cannot be read (its own entry
+    still stands)."""
+    try:
+        names = os.listdir(full)
+    except OSError as exc:
+        if exc.errno in (*_GONE, errno.EACCES, errno.EPERM):
+            return iter(()), "", ""
+        raise
+    if "".join(names).isascii():
+        names.sort()  # ASCII sorts as its bytes do
+    else:
+        names.sort(key=_name_order)
+    return iter(names), path.rstrip("/") + "/", full.rstrip("/") + "/"
+
+
+def _name_order(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
 
 
 _worker: _Scanner | None = None
