@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from agent import keys, logs
 from agent.compare import Finding, PackageFinding, compare_packages, compare_tree
 from agent.errors import EXIT_DRIFT, EXIT_OK, AgentError, PolicyError
-from agent.manifest import Baseline, ManifestWriter, load_baseline, read_head
+from agent.manifest import Baseline, Head, ManifestWriter, load_baseline, read_head
 from agent.packages import PackageSet, read_packages
 from agent.policy import Policy, load_policy
 from agent.walk import Walk
@@ -129,20 +129,29 @@ def run_check(
     and measure ``root`` against it, files and packages. ``own_files`` (the manifest, the
     agent's state) are not measured when they lie inside the root."""
     root = _root_dir(root)
-    head = read_head(baseline_path, public_key=public_key)
+    ignore = _inside(root, baseline_path, *own_files)
+    if full:
+        head = read_head(baseline_path, public_key=public_key)
+        reference = None
+    else:
+        # The walk's workers compare every path with the baseline (fast, now that verifying
+        # it is one hash): they are given it when they start.
+        reference = load_baseline(baseline_path, public_key=public_key)
+        head = Head(reference.statement, reference.policy)
     if public_key is None:
         log.warning("baseline_unverified", baseline=str(baseline_path), hint="pass --pubkey")
     policy = load_policy(policy_path) if policy_path else head.policy
     started = time.monotonic()
-    ignore = _inside(root, baseline_path, *own_files)
-    with Walk(root, policy, workers=workers, fast=not full, ignore=ignore) as walk:
-        walk.start()  # the workers walk while this process reads and verifies the baseline
-        baseline = load_baseline(baseline_path, public_key=public_key)
+    with Walk(
+        root, policy, workers=workers, fast=not full, ignore=ignore, reference=reference
+    ) as walk:
+        walk.start()  # the workers walk while this process reads the packages (and baseline)
+        baseline = reference or load_baseline(baseline_path, public_key=public_key)
         current_packages = read_packages(root)
         findings: list[Finding | PackageFinding] = list(
             compare_tree(
                 baseline,
-                walk.compared(baseline),
+                walk.compared(baseline) if full else walk.changes(),
                 policy,
                 first_boot=first_boot,
                 root=root,

@@ -17,7 +17,7 @@ from agent import record
 from agent.measure import Entry, full_path, hash_file, order_key, root_prefix
 from agent.packages import PackageSet, diff_packages
 from agent.policy import Decision, Policy
-from agent.walk import Same
+from agent.walk import Same, SameRun
 from agent.wire import encode_path
 
 
@@ -198,6 +198,8 @@ def _grew_only(root: Path, before: Entry, after: Entry) -> bool:
 class BaselineView(Protocol):
     """What ``compare_tree`` needs from a baseline (``manifest.Baseline`` has it)."""
 
+    def __len__(self) -> int: ...
+
     def get(self, path: str) -> Entry | None: ...
 
     def paths(self) -> Iterable[str]: ...
@@ -205,7 +207,7 @@ class BaselineView(Protocol):
 
 def compare_tree(
     baseline: BaselineView,
-    measured: Iterable[Entry | Same],
+    measured: Iterable[Entry | Same | SameRun],
     policy: Policy,
     *,
     first_boot: bool,
@@ -214,29 +216,41 @@ def compare_tree(
 ) -> Iterator[Finding]:
     """Every finding between a baseline and a walk of the tree, in manifest order.
 
-    Paths the walk found unchanged (``Same``) are not compared again. Paths in the baseline
-    that the walk did not see are removed, unless they lie under one of the ``skipped`` mount
-    points (read once the walk is over: ``Walk.skipped``).
+    Paths the walk found unchanged (``Same``, ``SameRun``) are not compared again. Paths in
+    the baseline that the walk did not see are removed, unless they lie under one of the
+    ``skipped`` mount points (read once the walk is over: ``Walk.skipped``). When the walk saw
+    as many of the baseline's paths as it has, none is missing and none is looked for.
     """
     seen: set[str] = set()
+    runs: list[str] = []
+    known = 0  # paths seen that the baseline has (a walk sees each path once)
     found: list[Finding] = []
     for item in measured:
+        if isinstance(item, SameRun):
+            known += item.total
+            runs.append(item.paths)
+            continue
         seen.add(item.path)
         if isinstance(item, Same):
+            known += 1
             continue
         before = baseline.get(item.path)
+        known += before is not None
         finding = compare_entry(
             before, item, policy.decide(item.path), policy, first_boot=first_boot, root=root
         )
         if finding is not None:
             found.append(finding)
-    hidden = tuple(p + "/" for p in skipped)
-    for path in baseline.paths():
-        if path not in seen and not (path in skipped or path.startswith(hidden)):
-            finding = compare_entry(
-                baseline.get(path), None, policy.decide(path), policy, first_boot=first_boot
-            )
-            if finding is not None:
-                found.append(finding)
+    if known != len(baseline):
+        for run in runs:
+            seen.update(run.split("\0"))
+        hidden = tuple(p + "/" for p in skipped)
+        for path in baseline.paths():
+            if path not in seen and not (path in skipped or path.startswith(hidden)):
+                finding = compare_entry(
+                    baseline.get(path), None, policy.decide(path), policy, first_boot=first_boot
+                )
+                if finding is not None:
+                    found.append(finding)
     found.sort(key=lambda f: order_key(f.path))
     yield from found

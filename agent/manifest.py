@@ -2,10 +2,13 @@
 
 A manifest is a gzip stream of JSON lines: the signed statement (``wire.STATEMENT_KEYS``),
 the policy it was baked with, every entry record in manifest order (``record.py``), then one
-line of packages. The statement's ``root`` is the Merkle root over the entries' content,
-``hints_digest`` covers their fast-path hints and ``packages_digest`` the packages
-(``PackageSet.digest``), so verifying the signature and recomputing those three verifies every
-byte that matters.
+line of packages. The statement's ``entries_digest`` is the SHA-256 of the entry records'
+bytes and ``packages_digest`` covers the packages (``PackageSet.digest``), so verifying the
+signature and recomputing those two (one hash each, at C speed) verifies every byte that
+matters. The statement's ``root``, the Merkle root over the entries' content, names the
+image's content; its subtree digests are computed only when asked for. A manifest baked
+before ``entries_digest`` is verified by recomputing the root and ``hints_digest`` (the
+fast-path hints) instead.
 
 The writer streams: entries are compressed into a side file as they come, and the final file
 is the statement's gzip member followed by those bytes (gzip members concatenate).
@@ -19,7 +22,7 @@ import json
 import os
 import tomllib
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -30,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from agent import keys, record
 from agent.compact import CompactLines
 from agent.errors import ManifestError, PackageDbError, PolicyError, UntrustedError, advice
+from agent.lines import OrderedLines, line_path
 from agent.measure import HASH_ALG, Entry
 from agent.packages import PackageSet
 from agent.policy import Policy, parse_policy
@@ -141,6 +145,7 @@ class ManifestWriter:
         self.count = 0
         self._merkle = MerkleTree()
         self._hints = hashlib.sha256()
+        self._entries = hashlib.sha256()
         self._lines: list[str] = []
         self._packages = PackageSet("none", ())
         self._deflate = zlib.compressobj(compress_level, zlib.DEFLATED, 31)
@@ -183,6 +188,7 @@ class ManifestWriter:
         if self._lines:
             data = ("\n".join(self._lines) + "\n").encode("utf-8")
             self._lines.clear()
+            self._entries.update(data)
             self._write(self._fh, self._deflate.compress(data))
 
     def _write(self, fh: IO[bytes], data: bytes) -> None:
@@ -208,6 +214,7 @@ class ManifestWriter:
             "root": self._merkle.root(),
             "entries": self.count,
             "hints_digest": self._hints.hexdigest(),
+            "entries_digest": self._entries.hexdigest(),
             "packages_digest": self._packages.digest(),
         }
         if self.signer is not None:
@@ -242,7 +249,8 @@ def _line(obj: Any) -> str:
 
 
 class Baseline:
-    """A loaded, verified manifest. Entries stay as their record lines until asked for."""
+    """A loaded, verified manifest. Entries stay as their record lines until asked for: in
+    manifest order as read (``agent.lines``), or in compressed blocks once compacted."""
 
     def __init__(
         self,
@@ -250,8 +258,10 @@ class Baseline:
         policy: Policy,
         lines: Mapping[str, str],
         packages: PackageSet,
-        subtrees: dict[str, str],
+        subtrees: dict[str, str] | None = None,
     ) -> None:
+        """``subtrees``: the Merkle subtree digests by directory; None: computed from the
+        lines when first asked for (and checked against the statement's root then)."""
         self.statement = statement
         self.policy = policy
         self.packages = packages
@@ -288,6 +298,11 @@ class Baseline:
 
     def subtree_digest(self, path: str) -> str | None:
         """The Merkle digest of the directory ``path`` and everything below it."""
+        if self._subtrees is None:
+            merkle = _merkle(self._lines.values())
+            if merkle.root() != self.statement["root"]:
+                raise UntrustedError("manifest was altered: the Merkle root does not match")
+            self._subtrees = merkle.subtrees or {}
         return self._subtrees.get(path)
 
     def unchanged(self, path: str, signature: Signature) -> bool:
@@ -306,6 +321,16 @@ class Baseline:
     def same_line(self, path: str, line: str) -> bool:
         """True when ``path`` was recorded exactly as ``line``."""
         return self._lines.get(path) == line
+
+
+def _merkle(lines: Iterable[str]) -> MerkleTree:
+    """The Merkle tree over record lines in manifest order, with its subtree digests."""
+    merkle = MerkleTree(keep_subtrees=True)
+    for line in lines:
+        stop = line.find('","t":"', 6)
+        content = line[: line.rfind(record.HINTS_MARK)]
+        merkle.add(line_path(line), content.encode("utf-8"), line[stop + 7] == "d")
+    return merkle
 
 
 @dataclass(frozen=True)
@@ -350,7 +375,8 @@ def _head(first: str, second: str, public_key: Verifier | None, path: Path) -> H
 
 def load_baseline(path: Path, *, public_key: Verifier | None = None) -> Baseline:
     """Read and verify a manifest. With ``public_key`` the statement must be signed by it;
-    in every case the Merkle root, hints and package digests must match the statement, or
+    in every case the entries and package digests must match the statement (for a manifest
+    baked before ``entries_digest``: the Merkle root, hints and package digests), or
     ``UntrustedError`` says what does not."""
     try:
         raw = path.read_bytes()
@@ -368,7 +394,30 @@ def load_baseline(path: Path, *, public_key: Verifier | None = None) -> Baseline
     if len(lines) < 3 or lines[-1] != "":
         raise ManifestError("manifest is truncated", path=path)
     head = _head(lines[0], lines[1], public_key, path)
-    return _read_body(lines, data.split(b"\n"), head.statement, head.policy, path)
+    statement = head.statement
+    digest = statement.get("entries_digest")
+    if digest is None:  # baked before entries_digest: the Merkle tree says it all
+        return _read_body(lines, data.split(b"\n"), statement, head.policy, path)
+    # The entry records are every line between the policy and the last (the packages).
+    start = data.index(b"\n", data.index(b"\n") + 1) + 1
+    end = data.rindex(b"\n", 0, len(data) - 1) + 1
+    if len(lines) < 4 or hashlib.sha256(memoryview(data)[start:end]).hexdigest() != digest:
+        # Say what was altered where the Merkle tree can tell, else that the bytes differ.
+        _read_body(lines, data.split(b"\n"), statement, head.policy, path)
+        raise UntrustedError(
+            "manifest was altered: the entry records do not match the statement", path=path
+        )
+    del lines[-1]
+    packages = _parse_packages([lines.pop()], path)
+    del lines[:2]
+    problems = []
+    if len(lines) != statement["entries"]:
+        problems.append(f"{len(lines)} entries where the statement says {statement['entries']}")
+    if packages.digest() != statement.get("packages_digest"):
+        problems.append("the package section does not match the statement")
+    if problems:
+        raise UntrustedError("manifest was altered: " + "; ".join(problems), path=path)
+    return Baseline(statement, head.policy, OrderedLines(lines), packages)
 
 
 def _gunzip(raw: bytes) -> bytes:
@@ -413,11 +462,13 @@ def _embedded_policy(line: str, statement: dict[str, Any], path: Path) -> Policy
 def _read_body(
     lines: list[str], raw_lines: list[bytes], statement: dict[str, Any], policy: Policy, path: Path
 ) -> Baseline:
-    """Index the entry records by path and recompute the statement's digests over them.
+    """Index the entry records by path and recompute the statement's Merkle root and hints
+    digest over them: how a manifest baked before ``entries_digest`` is verified, and how a
+    newer one that fails its ``entries_digest`` is told what was altered.
 
-    This runs on every check, so it reads each record's path, type and hints straight from
-    the line's bytes (``docs/manifest.md``: inside a JSON string every quote is escaped, so
-    ``","t":"`` and ``,"z":`` can only be the record's own keys) and decodes nothing else.
+    It reads each record's path, type and hints straight from the line's bytes
+    (``docs/manifest.md``: inside a JSON string every quote is escaped, so ``","t":"`` and
+    ``,"z":`` can only be the record's own keys) and decodes nothing else.
     """
     merkle = MerkleTree(keep_subtrees=True)
     add = merkle.add

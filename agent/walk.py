@@ -15,9 +15,11 @@ reads the files ahead while the worker hashes, and a cold cache costs little mor
 reads themselves. The file is still checked against what ``lstat`` saw after it is read.
 
 Two modes: ``measure`` (every entry measured and hashed: bake, ``check --full``) and ``stat``
-(``lstat`` only: ``check``), where the caller compares each path's signature — type, size,
-mtime, ctime, inode — with its reference and only the paths that differ are measured, in a
-second round of tasks.
+(``lstat`` only: ``check``), where each path's signature — type, size, mtime, ctime, inode —
+is compared with a reference and only the paths that differ are measured, in a second round
+of tasks. Given the reference when it is made, the walk compares in its workers (each has a
+copy), which send back only the paths that differ and, per task, the unchanged ones as one
+string: the caller handles no item per unchanged path. Otherwise the caller compares.
 
 Each inode with several links is hashed at most once per worker process; the ``k`` field of
 later names is set here, in manifest order.
@@ -86,6 +88,7 @@ _FMT_CODES: Final = {
 #   ("S", path, signature, is_dir)   a path seen in stat mode
 #   ("X", path, full)                the contents of directory path come from another task
 #   ("M", path)                      a mount point not descended
+#   ("R", count, paths)              the task's paths unchanged against the reference
 Item = tuple[Any, ...]
 
 
@@ -93,6 +96,14 @@ class Same(NamedTuple):
     """A path the walk saw unchanged against its reference."""
 
     path: str
+
+
+class SameRun(NamedTuple):
+    """Paths a walk's worker saw unchanged against its reference: ``total`` of them, their
+    paths joined by NUL (which no path holds), split only by whoever needs them."""
+
+    total: int
+    paths: str
 
 
 class Reference(Protocol):
@@ -107,12 +118,19 @@ class _Scanner:
     """The work of one task; lives in each worker process (or in the caller, for one)."""
 
     def __init__(
-        self, root: str, policy: Policy, mounts: MountTable, ignore: frozenset[str]
+        self,
+        root: str,
+        policy: Policy,
+        mounts: MountTable,
+        ignore: frozenset[str],
+        reference: Reference | None = None,
     ) -> None:
         self.root = root
         self.policy = policy
         self.mounts = mounts
         self.ignore = ignore
+        self.reference = reference
+        self.same: list[str] = []  # the task's paths found unchanged against the reference
         self.root_dev = -1
         self.links: dict[tuple[int, int], Entry] = {}
         # Paths to measure, in order, each with its place in ``out`` and, for a file to hash,
@@ -124,6 +142,7 @@ class _Scanner:
         kind = task[0]
         out: list[Item | None] = []
         deferred: list[tuple[str, str]] = []
+        same = self.same = []
         try:
             if kind == "top":
                 self._top(task[1], task[2], out, deferred)
@@ -135,6 +154,8 @@ class _Scanner:
                     self._measure_path(path, out)
             while self.ahead:
                 self._settle(out)
+            if same:
+                out.append(("R", len(same), "\0".join(same)))
         finally:
             while self.ahead:
                 opened = self.ahead.popleft()[-1]
@@ -173,49 +194,50 @@ class _Scanner:
         out: list[Item | None],
         deferred: list[tuple[str, str]],
     ) -> None:
+        """Walk below the directory ``path`` depth first, in manifest order, until ``budget``
+        is spent; the directories met after that are left to other tasks."""
         spent = 0
-        stack = [self._children(full, path)]
-        while stack:
-            child = next(stack[-1], None)
-            if child is None:
-                stack.pop()
-                continue
-            cpath, cfull, st = child
-            is_dir = stat.S_ISDIR(st.st_mode)
-            if is_dir and self._skip_mount(cpath, cfull, st, out):
-                continue
-            spent += self._emit(cpath, cfull, st, measure, out)
-            if is_dir:
-                if spent < budget:
-                    stack.append(self._children(cfull, cpath))
-                else:
-                    out.append(("X", cpath, cfull))
-                    deferred.append((cpath, cfull))
-
-    def _children(self, full: str, path: str) -> Iterator[tuple[str, str, os.stat_result]]:
-        try:
-            with os.scandir(full) as it:
-                names = sorted(
-                    (e.name for e in it), key=lambda n: n.encode("utf-8", "surrogateescape")
-                )
-        except OSError as exc:
-            if exc.errno in (*_GONE, errno.EACCES, errno.EPERM):
-                return  # vanished, or unreadable (the directory's own entry still stands)
-            raise
-        prefix = "" if path == "/" else path
-        fprefix = "" if full == "/" else full
         excluded = self.policy.excluded
         ignore = self.ignore
-        for name in names:
-            child = prefix + "/" + name
-            if excluded(child) or child in ignore:
+        reference = self.reference
+        same = self.same
+        stack = [_listing(full, path)]
+        while stack:
+            names, prefix, fprefix = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
                 continue
-            cfull = fprefix + "/" + name
+            cpath = prefix + name
+            if excluded(cpath) or cpath in ignore:
+                continue
+            cfull = fprefix + name
             try:
-                yield child, cfull, os.lstat(cfull)
+                st = os.lstat(cfull)
             except OSError as exc:
                 if exc.errno not in _GONE:
                     raise
+                continue
+            mode = st.st_mode
+            is_dir = stat.S_ISDIR(mode)
+            if is_dir and st.st_dev != self.root_dev and self._skip_mount(cpath, cfull, st, out):
+                continue
+            if measure:
+                spent += self._emit(cpath, cfull, st, measure, out)
+            else:  # ``_emit`` in stat mode, inline: a check does this for every path
+                spent += 1
+                hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                signature = (_FMT_CODES.get(stat.S_IFMT(mode), "?"), st.st_size, hints)
+                if reference is not None and reference.unchanged(cpath, signature):
+                    same.append(cpath)
+                else:
+                    out.append(("S", cpath, signature, is_dir))
+            if is_dir:
+                if spent < budget:
+                    stack.append(_listing(cfull, cpath))
+                else:
+                    out.append(("X", cpath, cfull))
+                    deferred.append((cpath, cfull))
 
     def _skip_mount(self, path: str, full: str, st: os.stat_result, out: list[Item | None]) -> bool:
         if st.st_dev == self.root_dev:
@@ -236,7 +258,12 @@ class _Scanner:
         if not measure:
             code = _FMT_CODES.get(stat.S_IFMT(mode), "?")
             hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            out.append(("S", path, (code, st.st_size, hints), stat.S_ISDIR(mode)))
+            signature = (code, st.st_size, hints)
+            reference = self.reference
+            if reference is not None and reference.unchanged(path, signature):
+                self.same.append(path)
+            else:
+                out.append(("S", path, signature, stat.S_ISDIR(mode)))
             return 1
         opened = None
         size = st.st_size
@@ -311,6 +338,27 @@ class _Scanner:
         self._emit(path, full, st, True, out)
 
 
+def _listing(full: str, path: str) -> tuple[Iterator[str], str, str]:
+    """The names in the directory ``full`` (``path`` in the image) in manifest order, and the
+    prefixes that make them paths: nothing if it vanished or cannot be read (its own entry
+    still stands)."""
+    try:
+        names = os.listdir(full)
+    except OSError as exc:
+        if exc.errno in (*_GONE, errno.EACCES, errno.EPERM):
+            return iter(()), "", ""
+        raise
+    if "".join(names).isascii():
+        names.sort()  # ASCII sorts as its bytes do
+    else:
+        names.sort(key=_name_order)
+    return iter(names), path.rstrip("/") + "/", full.rstrip("/") + "/"
+
+
+def _name_order(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
 _worker: _Scanner | None = None
 
 
@@ -330,7 +378,9 @@ class Walk:
     """Walk ``root`` per ``policy``: ``records()`` for bake, ``compared(reference)`` for check.
 
     ``workers`` processes do the work (0: one per core; 1: none, all in this process).
-    ``fast`` selects stat mode. Afterwards ``count`` is the number of paths, ``measured``
+    ``fast`` selects stat mode; with a ``reference`` the workers compare against it
+    themselves (it is copied into them when the walk starts: ``compared`` must be given the
+    same). Afterwards ``count`` is the number of paths, ``measured``
     those measured (in stat mode, the ones that differed), ``skipped`` the mount points not
     descended. Use it as a context manager, or call ``close``.
     """
@@ -344,6 +394,7 @@ class Walk:
         fast: bool = False,
         ignore: frozenset[str] = frozenset(),
         mounts: MountTable | None = None,
+        reference: Reference | None = None,
     ) -> None:
         self.root = root_prefix(root)
         self.policy = policy
@@ -353,7 +404,11 @@ class Walk:
         self.measured = 0
         self.skipped: list[str] = []
         self._scanner = _Scanner(
-            self.root, policy, mounts if mounts is not None else MountTable.from_proc(), ignore
+            self.root,
+            policy,
+            mounts if mounts is not None else MountTable.from_proc(),
+            ignore,
+            reference if fast else None,
         )
         self._pool: ProcessPoolExecutor | None = None
         self._top: tuple[Any, ...] | None = None
@@ -407,10 +462,15 @@ class Walk:
                 self.workers,
                 mp_context=multiprocessing.get_context(method),
                 initializer=_init_worker,
-                initargs=(self._scanner, _STAT_NICENESS if self.fast else 0),
+                initargs=(self._scanner, self._niceness()),
             )
             with self._lock:
                 self._launch(_TOP, self._top)
+
+    def _niceness(self) -> int:
+        """The caller is the critical path when it compares (see ``_STAT_NICENESS``); when the
+        workers do, it waits for them."""
+        return _STAT_NICENESS if self.fast and self._scanner.reference is None else 0
 
     # -- putting the pieces back in order -----------------------------------------------------
 
@@ -494,18 +554,41 @@ class Walk:
 
     def compared(self, reference: Reference) -> Iterator[Entry | Same]:
         """Every path as ``Same`` where ``reference`` has it as it is, else measured."""
+        for item in self._compared(reference):
+            if isinstance(item, SameRun):
+                yield from map(Same, item.paths.split("\0"))
+            else:
+                yield item
+
+    def changes(self) -> Iterator[Entry | SameRun]:
+        """In stat mode with a reference (which the workers compared against): every path
+        that differs from it, measured, and the unchanged ones as a ``SameRun`` per task."""
+        reference = self._scanner.reference
+        assert reference is not None, "changes() needs stat mode and a reference"
+        for item in self._compared(reference):
+            assert not isinstance(item, Same)
+            yield item
+
+    def _compared(self, reference: Reference) -> Iterator[Entry | Same | SameRun]:
         if not self.fast:
             for path, line, _is_dir in self.records():
                 yield Same(path) if reference.same_line(path, line) else record.from_line(line)
             return
+        compared = self._scanner.reference
+        if compared is not None and compared is not reference:
+            raise ValueError("the walk compares against the reference it was made with")
         differ: list[str] = []
         unchanged = reference.unchanged
         count = self.count
         try:
             for item in self._items():
+                if item[0] == "R":
+                    count += item[1]
+                    yield SameRun(item[1], item[2])
+                    continue
                 count += 1
                 path = item[1]
-                if unchanged(path, item[2]):
+                if compared is None and unchanged(path, item[2]):
                     yield Same(path)
                 else:
                     differ.append(path)

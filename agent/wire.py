@@ -382,7 +382,8 @@ def verify_enrollment(obj: Any, public_key_factory: Any) -> tuple[str, bytes, di
 # summary of the whole image; the rest are entries (see docs/manifest.md). The statement holds
 # the Merkle root over every entry's content, and ``hints_digest`` over the entries' fast-path
 # hints (mtime, ctime, inode: they differ between copies of one image, so the root leaves them
-# out), so verifying its signature and recomputing both verifies the whole manifest, and the
+# out), and ``entries_digest`` over the entries' bytes (what readers recompute: one hash), so
+# verifying its signature and recomputing the digests verifies the whole manifest, and the
 # collector can register an image from the first line alone.
 
 STATEMENT_KEYS: Final = frozenset(
@@ -397,6 +398,7 @@ STATEMENT_KEYS: Final = frozenset(
         "root",
         "entries",
         "hints_digest",
+        "entries_digest",
         "packages_digest",
         "key_id",
         "sig",

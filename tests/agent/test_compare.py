@@ -13,7 +13,7 @@ import pytest
 from agent.compare import changed_fields, compare_entry, compare_tree
 from agent.measure import Entry, measure_path
 from agent.policy import Policy, parse_policy
-from agent.walk import Same
+from agent.walk import Same, SameRun
 from agent.wire import decode_path
 from tests.agent.imagetree import POLICY, at, build
 
@@ -130,6 +130,9 @@ class _Reference:
     def __init__(self, entries: Iterable[Entry]) -> None:
         self.entries = {e.path: e for e in entries}
 
+    def __len__(self) -> int:
+        return len(self.entries)
+
     def get(self, path: str) -> Entry | None:
         return self.entries.get(path)
 
@@ -153,3 +156,29 @@ def test_compare_tree_orders_findings_and_respects_skipped_mounts(policy: Policy
         ("/usr/b", "removed"),
         ("/usr/new", "added"),
     ]
+
+
+class _Counted(_Reference):
+    """A reference that says when all of its paths were listed (to look for removed ones)."""
+
+    listed = 0
+
+    def paths(self) -> Iterable[str]:
+        self.listed += 1
+        return super().paths()
+
+
+def test_runs_of_unchanged_paths_count_as_seen(policy: Policy) -> None:
+    base = _Counted([changed(path=p) for p in ("/usr", "/usr/a", "/usr/b", "/usr/c")])
+    runs = [SameRun(2, "/usr\0/usr/a"), changed(path="/usr/b", mode=0o700)]
+    findings = list(compare_tree(base, [*runs, SameRun(1, "/usr/c")], policy, first_boot=False))
+    assert [(f.path, f.change) for f in findings] == [("/usr/b", "modified")]
+    assert base.listed == 0  # every path of the baseline was seen: none was looked for
+
+    findings = list(compare_tree(base, [*runs, changed(path="/usr/d")], policy, first_boot=False))
+    assert [(f.path, f.change) for f in findings] == [
+        ("/usr/b", "modified"),
+        ("/usr/c", "removed"),
+        ("/usr/d", "added"),
+    ]
+    assert base.listed == 1

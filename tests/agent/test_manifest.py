@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import shutil
 import subprocess
@@ -11,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from agent import keys, record
+from agent import manifest as manifest_module
 from agent.errors import ManifestError, UntrustedError
 from agent.manifest import Baseline, load_baseline, read_head
 from agent.measure import Entry
-from agent.wire import key_id, read_statement
+from agent.wire import key_id, read_statement, sign_statement
 from tests.agent.imagetree import at, bake, build, make_key, write_policy
 
 WEIRD = Entry(
@@ -280,3 +282,98 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="cannot write manifest"):
         bake(root, write_policy(tmp_path), missing)
     assert not missing.parent.exists()
+
+
+def _flip_hint_byte(lines: list[str]) -> None:
+    """One byte of an entry's hints (the last digit of its inode number) changed."""
+    line = lines[3]
+    cut = line.rindex("]")
+    digit = line[cut - 1]
+    lines[3] = line[: cut - 1] + ("1" if digit != "1" else "2") + line[cut:]
+
+
+def test_a_flipped_byte_in_the_entries_is_refused_with_what_was_altered(
+    baked: tuple[Path, Path, Path],
+) -> None:
+    _root, out, key = baked
+    _rewrite(out, _flip_hint_byte)
+    with pytest.raises(UntrustedError, match="fast-path hints do not match"):
+        _load(out, key)
+    with pytest.raises(UntrustedError, match="fast-path hints do not match"):
+        load_baseline(out)
+
+
+def test_entries_that_match_the_root_and_hints_but_not_the_entries_digest_are_refused(
+    baked: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Whoever edits an entry and recomputes the Merkle root and the hints digest (as a
+    reader before ``entries_digest`` would check them) still fails the entries digest."""
+    root, _out, _key = baked
+    unsigned = tmp_path / "unsigned.gz"
+    bake(root, write_policy(tmp_path), unsigned)
+
+    def forge(lines: list[str]) -> None:
+        _flip_hint_byte(lines)
+        entries = lines[2:-2]
+        merkle = manifest_module._merkle(entries)
+        hints = "".join(record.split_line(line)[1] for line in entries)
+        statement = json.loads(lines[0])
+        statement["root"] = merkle.root()
+        statement["hints_digest"] = hashlib.sha256(hints.encode()).hexdigest()
+        lines[0] = json.dumps(statement)
+
+    _rewrite(unsigned, forge)
+    with pytest.raises(UntrustedError, match="entry records do not match the statement"):
+        load_baseline(unsigned)
+
+
+def _as_baked_before_entries_digest(out: Path, key: Path | None) -> None:
+    def drop(lines: list[str]) -> None:
+        statement = json.loads(lines[0])
+        del statement["entries_digest"], statement["sig"]
+        if key is not None:
+            statement = sign_statement(statement, keys.load_private(key))
+        lines[0] = json.dumps(statement)
+
+    _rewrite(out, drop)
+
+
+def test_a_manifest_baked_before_entries_digest_is_read_and_verified(
+    baked: tuple[Path, Path, Path],
+) -> None:
+    _root, out, key = baked
+    current = _load(out, key)
+    _as_baked_before_entries_digest(out, key)
+    older = _load(out, key)
+    assert "entries_digest" not in older.statement
+    assert older.statement["root"] == current.statement["root"]
+    assert list(older.paths()) == list(current.paths())
+    assert [older.subtree_digest(p) for p in older.paths()] == [
+        current.subtree_digest(p) for p in current.paths()
+    ]
+    _rewrite(out, _flip_hint_byte)
+    with pytest.raises(UntrustedError, match="fast-path hints do not match"):
+        _load(out, key)
+    _rewrite(out, _swap_two_entries)
+    with pytest.raises(UntrustedError, match="Merkle root"):
+        load_baseline(out)
+
+
+def test_the_merkle_root_is_checked_when_subtrees_are_first_asked_for(
+    baked: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Reading trusts the signed root once the entries digest matches; descending by subtree
+    recomputes it, so a root that does not belong to the entries is refused then."""
+    root, _out, _key = baked
+    unsigned = tmp_path / "unsigned.gz"
+    bake(root, write_policy(tmp_path), unsigned)
+
+    def forge(lines: list[str]) -> None:
+        statement = json.loads(lines[0])
+        statement["root"] = "00" * 32
+        lines[0] = json.dumps(statement)
+
+    _rewrite(unsigned, forge)
+    base = load_baseline(unsigned)
+    with pytest.raises(UntrustedError, match="Merkle root does not match"):
+        base.subtree_digest("/")

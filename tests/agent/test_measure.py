@@ -24,6 +24,8 @@ from agent.policy import Policy, parse_policy
 from agent.walk import Walk
 from tests.agent.imagetree import at, build
 
+POLICY_TEXT = '[policy]\nname = "t"\nroots = ["/"]\n'  # what policy() makes, as a file
+
 
 def policy(**head: Any) -> Policy:
     data: dict[str, Any] = {"policy": {"name": "t", "roots": ["/"], **head}}
@@ -245,6 +247,51 @@ def test_walk_is_in_manifest_order_and_matches_measure_path(root: Path, workers:
     assert paths[0] == "/" and "/opt/pkg39/sub/file" in paths
     assert len(paths) == len(set(paths))
     assert all(e == measure_path(root, e.path, pol) for e in entries)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_walk_given_its_reference_compares_in_its_workers(root: Path, workers: int) -> None:
+    """The same paths are unchanged whether the caller or the workers compare; the workers
+    send them as runs, and measure the others."""
+    from agent import manifest
+    from agent.walk import Same, SameRun
+
+    for index in range(40):  # enough directories to be split among several tasks
+        directory = at(root, f"/opt/pkg{index:02d}/sub")
+        directory.mkdir(parents=True)
+        (directory / "file").write_text(str(index))
+    pol = policy()
+    baked = root.parent / "m.gz"
+    with (
+        Walk(root, pol, workers=workers) as walk,
+        manifest.ManifestWriter(baked, policy=pol, policy_text=POLICY_TEXT, build_id="") as writer,
+    ):
+        for path, line, is_dir in walk.records():
+            writer.add_line(path, line, is_dir=is_dir)
+        writer.finish()
+    at(root, "/opt/pkg03/sub/file").write_text("changed")
+    at(root, "/opt/pkg07/sub/new").write_text("new")
+    at(root, "/opt/pkg09/sub/file").unlink()
+    base = manifest.load_baseline(baked)
+
+    with Walk(root, pol, workers=workers, fast=True) as walk:
+        by_caller = list(walk.compared(base))
+        count = walk.count
+    with Walk(root, pol, workers=workers, fast=True, reference=base) as walk:
+        by_workers = list(walk.changes())
+        assert walk.count == count
+    same = [item.path for item in by_caller if isinstance(item, Same)]
+    runs = [item for item in by_workers if isinstance(item, SameRun)]
+    assert sorted(p for run in runs for p in run.paths.split("\0")) == sorted(same)
+    measured = [item for item in by_workers if isinstance(item, Entry)]
+    assert sum(run.total for run in runs) == len(same) == count - len(measured)
+    assert measured == [item for item in by_caller if isinstance(item, Entry)]
+    assert [e.path for e in measured] == [
+        "/opt/pkg03/sub/file",
+        "/opt/pkg07/sub",  # a name added: its directory's times changed
+        "/opt/pkg07/sub/new",
+        "/opt/pkg09/sub",
+    ]
 
 
 def _open_ahead_then(
