@@ -85,7 +85,9 @@ class SqlStore:
             raise StoreError(f"database error: {exc}") from exc
 
     @contextmanager
-    def _transaction(self, kind: type[SqlTx] = SqlTx) -> Iterator[SqlTx]:
+    def _transaction(self, kind: type[SqlTx] = SqlTx, *, wait: bool = True) -> Iterator[SqlTx]:
+        """A write transaction. ``wait=False``: raise ``WriterBusy`` rather than wait for a
+        write lock the backend takes before it begins (SQLite's); row locks are waited for."""
         with self._connect(write=True) as conn:
             yield kind(conn, self.clock(), self.insert, row_locks=self.row_locks)
 
@@ -93,16 +95,17 @@ class SqlStore:
         return self._transaction()
 
     @contextmanager
-    def _group_transaction(self) -> Iterator[GroupTx]:
-        with self._transaction(GroupTx) as tx:
+    def _group_transaction(self, *, wait: bool = True) -> Iterator[GroupTx]:
+        with self._transaction(GroupTx, wait=wait) as tx:
             assert isinstance(tx, GroupTx)
             yield tx
             tx.flush()
 
-    def group_transaction(self) -> AbstractContextManager[GroupTx]:
+    def group_transaction(self, *, wait: bool = True) -> AbstractContextManager[GroupTx]:
         """A transaction for many units of work at once (a group commit): what they write is
-        kept and written in a few statements just before the commit (``GroupTx``)."""
-        return self._group_transaction()
+        kept and written in a few statements just before the commit (``GroupTx``).
+        ``wait=False`` raises ``WriterBusy`` if another writer holds the write lock."""
+        return self._group_transaction(wait=wait)
 
     def read(self) -> AbstractContextManager[Connection]:
         """A connection for reads that need no write lock (metrics gauges, reports)."""

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import URL
 
-from collector.errors import ConfigError
+from collector.errors import ConfigError, WriterBusy
 from collector.store.sql import SqlStore
 from collector.store.tx import SqlTx
 
@@ -46,15 +46,22 @@ class SqliteStore(SqlStore):
         self._lock_fd: int | None = None
 
     @contextmanager
-    def _transaction(self, kind: type[SqlTx] = SqlTx) -> Iterator[SqlTx]:
-        with self._writer:
+    def _transaction(self, kind: type[SqlTx] = SqlTx, *, wait: bool = True) -> Iterator[SqlTx]:
+        if not self._writer.acquire(blocking=wait):
+            raise WriterBusy("another writer of this process holds the write lock")
+        try:
             fd = self._lock_file()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise WriterBusy("another process holds the write lock") from exc
             try:
                 with super()._transaction(kind) as tx:
                     yield tx
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._writer.release()
 
     def _lock_file(self) -> int:
         """Opened on first use, in the process that uses it (a forked worker has its own)."""
@@ -102,6 +109,10 @@ def open_store(url: URL, *, pool_size: int) -> SqliteStore:
         pool_size=pool_size,
         max_overflow=pool_size,
     )
+    # An INSERT executed with many rows goes out as one multi-row statement (per thousand
+    # rows), not one step per row: the driver lets go of the interpreter lock at every step,
+    # and a group commit holding the write lock would wait on the event loop each time.
+    engine.dialect.use_insertmanyvalues_wo_returning = True
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _on_begin)
     return SqliteStore(
