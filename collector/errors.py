@@ -45,10 +45,6 @@ class StoreError(CollectorError):
     pass
 
 
-class WriterBusy(StoreError):
-    """Another writer holds the database's write lock (asked not to wait for it)."""
-
-
 class ApiClientError(CollectorError):
     pass
 

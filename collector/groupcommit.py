@@ -31,6 +31,7 @@ wait in the socket buffers and form the next group. Without a loop (the CLI, tes
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -40,7 +41,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
-from collector.errors import Refused, StoreError, WriterBusy
+from collector.errors import Refused, StoreError
 from collector.store import Store, Tx
 
 log = structlog.get_logger(__name__)
@@ -50,7 +51,7 @@ MAX_GROUP: Final = 256
 # Loop mode: how long the first unit of a group waits for others. Every commit costs the same
 # fixed work and a flush to disk, whatever it holds; under load a group fills in this time.
 GROUP_WINDOW_S: Final = 0.002
-BUSY_RETRY_S: Final = 0.001  # loop mode: how soon to try again for a write lock held elsewhere
+STOP: Final = object()
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,16 @@ class GroupCommitter:
         self._waiting: deque[_Unit[Any]] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._drain_due = False  # loop mode: a drain is scheduled on the loop
+        self._drain_due = False  # loop mode: a drain is scheduled or waits for its turn
         self._closed = False
+        self._turns: queue.SimpleQueue[object] = queue.SimpleQueue()  # loop mode: turns wanted
+        self._turn_held = False  # loop mode: the waiter holds a turn for the loop
+        self._turn_waiter: threading.Thread | None = None
+        if loop is not None:
+            self._turn_waiter = threading.Thread(
+                target=self._wait_for_turns, name="group-commit-turns", daemon=True
+            )
+            self._turn_waiter.start()
 
     def submit(self, apply: Callable[[Tx], T], *, locks: Sequence[str] = ()) -> Future[T]:
         """Queue ``apply(tx)``; its future holds what it returns, or what it raised."""
@@ -116,7 +125,11 @@ class GroupCommitter:
             thread = self._thread
         if thread is not None:
             thread.join(timeout_s)
+        if self._turn_waiter is not None:
+            self._turns.put(STOP)
+            self._turn_waiter.join(timeout_s)
         if self._loop is not None:  # called on the loop (the server's shutdown): finish here
+            self._take_turn()  # one the waiter holds for a drain the loop has not run yet
             while group := self._next_group():
                 self._write(group)
 
@@ -127,27 +140,51 @@ class GroupCommitter:
             return [self._waiting.popleft() for _ in range(self._group_size())]
 
     def _drain(self) -> None:
-        """Loop mode: write one group; if more are waiting, come back after the loop's I/O.
-        The loop never waits for the write lock: while another writer holds it (another
-        process, this process's job worker) the group waits, and grows, here."""
-        assert self._loop is not None
+        """Loop mode: write the waiting group. The loop never waits for the writer's turn
+        (SQLite: another process's writer, this process's job worker): if it is taken, a
+        thread waits for it in line with the other writers and hands it to the loop, and the
+        group grows meanwhile."""
         with self._wake:
             self._drain_due = False
-        group = self._next_group()
-        if group:
-            try:
-                self._write(group, wait=False)
-            except WriterBusy:
-                with self._wake:
-                    self._waiting.extendleft(reversed(group))
-                    self._drain_due = True
-                self._loop.call_later(BUSY_RETRY_S, self._drain)
+            if not self._waiting:
                 return
+            self._drain_due = True  # until the turn is ours
+        if self.store.try_lock_writer():
+            self._drain_locked()
+        else:
+            self._turns.put(None)
+
+    def _wait_for_turns(self) -> None:
+        assert self._loop is not None
+        while self._turns.get() is not STOP:
+            self.store.lock_writer()
+            with self._wake:
+                self._turn_held = True
+            try:
+                self._loop.call_soon_threadsafe(self._take_turn)
+            except RuntimeError:  # the loop is closed: ``close`` writes what is left
+                return
+
+    def _take_turn(self) -> None:
         with self._wake:
-            again = bool(self._waiting) and not self._drain_due and not self._closed
-            self._drain_due = self._drain_due or again
+            held, self._turn_held = self._turn_held, False
+        if held:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        """Loop mode, holding the writer's turn: write one group, let the turn go, and come
+        back after the loop's I/O if more is waiting."""
+        assert self._loop is not None
+        try:
+            group = self._next_group()
+            if group:
+                self._write(group, locked=True)
+        finally:
+            self.store.unlock_writer()
+        with self._wake:
+            self._drain_due = bool(self._waiting) and not self._closed
+            again = self._drain_due
         if again:
-            assert self._loop is not None
             self._loop.call_soon(self._drain)
 
     def _run(self) -> None:
@@ -159,11 +196,9 @@ class GroupCommitter:
                     return
             self._write(self._next_group())
 
-    def _write(self, group: list[_Unit[Any]], *, wait: bool = True) -> None:
+    def _write(self, group: list[_Unit[Any]], *, locked: bool = False) -> None:
         try:
-            self._commit(group, wait=wait)
-        except WriterBusy:  # nothing was written: the caller tries again
-            raise
+            self._commit(group, locked=locked)
         except Exception as exc:  # a bug here must not leave requests waiting forever
             log.exception("group_commit_failed", units=len(group))
             for unit in group:
@@ -173,20 +208,18 @@ class GroupCommitter:
     def _group_size(self) -> int:
         return min(len(self._waiting), self.max_group)
 
-    def _commit(self, group: list[_Unit[Any]], *, wait: bool = True) -> None:
+    def _commit(self, group: list[_Unit[Any]], *, locked: bool = False) -> None:
         try:
-            with self.store.group_transaction(wait=wait) as tx:
+            with self.store.group_transaction(locked=locked) as tx:
                 tx.lock_hosts(sorted({h for unit in group for h in unit.locks}))
                 outcomes = [_apply(unit, tx) for unit in group]
-        except WriterBusy:
-            raise
         except Exception as exc:
             if len(group) == 1:
                 _settle(group[0], _Failed(exc))
                 return
             log.warning("group_commit_split", units=len(group), error=str(exc))
             for unit in group:
-                self._commit([unit])
+                self._commit([unit], locked=locked)
             return
         for unit, outcome in zip(group, outcomes, strict=True):
             _settle(unit, outcome)

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import URL
 
-from collector.errors import ConfigError, WriterBusy
+from collector.errors import ConfigError
 from collector.store.sql import SqlStore
 from collector.store.tx import SqlTx
 
@@ -46,22 +46,41 @@ class SqliteStore(SqlStore):
         self._lock_fd: int | None = None
 
     @contextmanager
-    def _transaction(self, kind: type[SqlTx] = SqlTx, *, wait: bool = True) -> Iterator[SqlTx]:
-        if not self._writer.acquire(blocking=wait):
-            raise WriterBusy("another writer of this process holds the write lock")
+    def _transaction(self, kind: type[SqlTx] = SqlTx, *, locked: bool = False) -> Iterator[SqlTx]:
+        if not locked:
+            self.lock_writer()
         try:
-            fd = self._lock_file()
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise WriterBusy("another process holds the write lock") from exc
-            try:
-                with super()._transaction(kind) as tx:
-                    yield tx
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+            with super()._transaction(kind) as tx:
+                yield tx
         finally:
+            if not locked:
+                self.unlock_writer()
+
+    def lock_writer(self) -> None:
+        self._writer.acquire()
+        try:
+            fcntl.flock(self._lock_file(), fcntl.LOCK_EX)
+        except BaseException:
             self._writer.release()
+            raise
+
+    def try_lock_writer(self) -> bool:
+        if not self._writer.acquire(blocking=False):
+            return False
+        try:
+            fcntl.flock(self._lock_file(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._writer.release()
+            return False
+        except BaseException:
+            self._writer.release()
+            raise
+        return True
+
+    def unlock_writer(self) -> None:
+        assert self._lock_fd is not None
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self._writer.release()
 
     def _lock_file(self) -> int:
         """Opened on first use, in the process that uses it (a forked worker has its own)."""
