@@ -166,6 +166,7 @@ class Envelope:
     body: Mapping[str, Any]
     sig: str
     digest: str = field(compare=False)
+    signed_bytes: bytes = field(default=b"", compare=False, repr=False)  # what ``sig`` signs
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -188,6 +189,23 @@ def _unsigned(obj: Mapping[str, Any]) -> dict[str, Any]:
 def envelope_digest(obj: Mapping[str, Any]) -> str:
     """The chain hash of an envelope: SHA-256 of its canonical bytes, signature included."""
     return sha256_hex(canonical(dict(obj)))
+
+
+def _canonical_forms(obj: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    """An envelope's canonical bytes without its signature (what is signed) and with it (what
+    the chain hashes), encoding the body once: ``canonical`` of each, byte for byte. The keys
+    sort as body, boot_id, host_id, kind, prev, seq, (sig,) time, v."""
+
+    def member(key: str) -> bytes:
+        return b',"' + key.encode() + b'":' + canonical(obj[key])
+
+    head = (
+        b'{"body":'
+        + canonical(obj["body"])
+        + b"".join(member(k) for k in ("boot_id", "host_id", "kind", "prev", "seq"))
+    )
+    tail = member("time") + member("v") + b"}"
+    return head + tail, head + member("sig") + tail
 
 
 def make_envelope(
@@ -257,16 +275,17 @@ def parse_envelope(obj: Any) -> Envelope:
     except ValueError as exc:
         raise MalformedError(f"time {time!r} is not RFC 3339", seq=seq_value) from exc
     try:
-        digest = envelope_digest(obj)
+        unsigned, signed = _canonical_forms(obj)
     except (TypeError, ValueError) as exc:
         raise MalformedError("envelope is not canonical JSON", seq=seq_value) from exc
-    return Envelope(host_id, boot_id, seq_value, prev, kind, time, body, sig, digest)
+    digest = sha256_hex(signed)
+    return Envelope(host_id, boot_id, seq_value, prev, kind, time, body, sig, digest, unsigned)
 
 
 def verify_signature(envelope: Envelope, public_key: Verifier) -> None:
     """Raise ``BadSignatureError`` unless ``envelope`` was signed by ``public_key``'s owner."""
     signature = unb64(envelope.sig, what="sig")
-    payload = canonical(_unsigned(envelope.to_json()))
+    payload = envelope.signed_bytes or canonical(_unsigned(envelope.to_json()))
     try:
         public_key.verify(signature, payload)
     except Exception as exc:  # the key type's own error (cryptography: InvalidSignature)

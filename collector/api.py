@@ -116,7 +116,7 @@ def create_app(
         own = store is None
         opened = store or open_store(config.database.url, pool_size=config.database.pool_size)
         metrics = Metrics(opened)
-        ingestor = Ingestor(opened, config, metrics)
+        ingestor = Ingestor(opened, config, metrics, loop=asyncio.get_running_loop())
         app.state.services = Services(config, opened, metrics, ingestor)
         worker: WorkerThread | None = None
         try:

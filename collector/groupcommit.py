@@ -17,10 +17,21 @@ Refusals and errors stay each unit's own:
 
 Every unit names the hosts whose rows it locks; the group locks all of them first, in host id
 order, so two replicas' groups on one PostgreSQL database never deadlock on host rows.
+
+Where the writer runs: in the server, on the event loop itself (``loop=``). A writer thread
+beside the event loop would share the interpreter lock with it, and the database drivers let
+go of that lock at every statement and every row they step through; under load each of those
+hand-overs waits on the event loop's work, so a group's commit took many times its own CPU
+time, holding the database's write lock all along (SQLite: the whole collector's). On the loop,
+a group is written from start to commit without a hand-over; requests that arrive meanwhile
+wait in the socket buffers and form the next group. Without a loop (the CLI, tests calling
+``run``) a thread of its own is the writer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -37,6 +48,10 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 MAX_GROUP: Final = 256
+# Loop mode: how long the first unit of a group waits for others. Every commit costs the same
+# fixed work and a flush to disk, whatever it holds; under load a group fills in this time.
+GROUP_WINDOW_S: Final = 0.002
+STOP: Final = object()
 
 
 @dataclass(frozen=True)
@@ -47,29 +62,56 @@ class _Unit(Generic[T]):
 
 
 class GroupCommitter:
-    """The one writer of a process for a store. ``submit`` returns a future answered after the
-    unit's transaction commits; ``close`` lets the writer finish what is waiting, then stops."""
+    """The one writer of a process for a store. ``submit`` (from any thread) returns a future
+    answered after the unit's transaction commits; ``close`` lets the writer finish what is
+    waiting, then stops. With ``loop`` the writer runs on that event loop, else in a thread."""
 
-    def __init__(self, store: Store, *, max_group: int = MAX_GROUP) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_group: int = MAX_GROUP,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.store = store
         self.max_group = max_group
+        self._loop = loop
         self._waiting: deque[_Unit[Any]] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._drain_due = False  # loop mode: a drain is scheduled or waits for its turn
         self._closed = False
+        self._turns: queue.SimpleQueue[object] = queue.SimpleQueue()  # loop mode: turns wanted
+        self._turn_held = False  # loop mode: the waiter holds a turn for the loop
+        self._turn_waiter: threading.Thread | None = None
+        if loop is not None:
+            self._turn_waiter = threading.Thread(
+                target=self._wait_for_turns, name="group-commit-turns", daemon=True
+            )
+            self._turn_waiter.start()
 
     def submit(self, apply: Callable[[Tx], T], *, locks: Sequence[str] = ()) -> Future[T]:
         """Queue ``apply(tx)``; its future holds what it returns, or what it raised."""
         unit: _Unit[T] = _Unit(apply, tuple(locks))
+        schedule = False
         with self._wake:
             if self._closed:  # answered 503: the agent keeps the batch and retries
                 raise StoreError("the collector is shutting down; nothing was written")
-            if self._thread is None:
-                # a daemon: killed at exit, its open transaction is rolled back, unanswered
-                self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
-                self._thread.start()
             self._waiting.append(unit)
-            self._wake.notify()
+            if self._loop is not None:
+                schedule, self._drain_due = not self._drain_due, True
+            else:
+                if self._thread is None:
+                    # a daemon: killed at exit, its open transaction is rolled back, unanswered
+                    self._thread = threading.Thread(
+                        target=self._run, name="group-commit", daemon=True
+                    )
+                    self._thread.start()
+                self._wake.notify()
+        if schedule:
+            assert self._loop is not None
+            # requests read meanwhile join the group
+            self._loop.call_soon_threadsafe(self._loop.call_later, GROUP_WINDOW_S, self._drain)
         return unit.future
 
     def run(self, apply: Callable[[Tx], T], *, locks: Sequence[str] = ()) -> T:
@@ -83,8 +125,67 @@ class GroupCommitter:
             thread = self._thread
         if thread is not None:
             thread.join(timeout_s)
+        if self._turn_waiter is not None:
+            self._turns.put(STOP)
+            self._turn_waiter.join(timeout_s)
+        if self._loop is not None:  # called on the loop (the server's shutdown): finish here
+            self._take_turn()  # one the waiter holds for a drain the loop has not run yet
+            while group := self._next_group():
+                self._write(group)
 
     # --- the writer --------------------------------------------------------------------------
+
+    def _next_group(self) -> list[_Unit[Any]]:
+        with self._wake:
+            return [self._waiting.popleft() for _ in range(self._group_size())]
+
+    def _drain(self) -> None:
+        """Loop mode: write the waiting group. The loop never waits for the writer's turn
+        (SQLite: another process's writer, this process's job worker): if it is taken, a
+        thread waits for it in line with the other writers and hands it to the loop, and the
+        group grows meanwhile."""
+        with self._wake:
+            self._drain_due = False
+            if not self._waiting:
+                return
+            self._drain_due = True  # until the turn is ours
+        if self.store.try_lock_writer():
+            self._drain_locked()
+        else:
+            self._turns.put(None)
+
+    def _wait_for_turns(self) -> None:
+        assert self._loop is not None
+        while self._turns.get() is not STOP:
+            self.store.lock_writer()
+            with self._wake:
+                self._turn_held = True
+            try:
+                self._loop.call_soon_threadsafe(self._take_turn)
+            except RuntimeError:  # the loop is closed: ``close`` writes what is left
+                return
+
+    def _take_turn(self) -> None:
+        with self._wake:
+            held, self._turn_held = self._turn_held, False
+        if held:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        """Loop mode, holding the writer's turn: write one group, let the turn go, and come
+        back after the loop's I/O if more is waiting."""
+        assert self._loop is not None
+        try:
+            group = self._next_group()
+            if group:
+                self._write(group, locked=True)
+        finally:
+            self.store.unlock_writer()
+        with self._wake:
+            self._drain_due = bool(self._waiting) and not self._closed
+            again = self._drain_due
+        if again:
+            self._loop.call_soon(self._drain)
 
     def _run(self) -> None:
         while True:
@@ -93,21 +194,23 @@ class GroupCommitter:
                     self._wake.wait()
                 if not self._waiting:
                     return
-                group = [self._waiting.popleft() for _ in range(self._group_size())]
-            try:
-                self._commit(group)
-            except Exception as exc:  # a bug here must not leave requests waiting forever
-                log.exception("group_commit_failed", units=len(group))
-                for unit in group:
-                    if not unit.future.done():
-                        unit.future.set_exception(exc)
+            self._write(self._next_group())
+
+    def _write(self, group: list[_Unit[Any]], *, locked: bool = False) -> None:
+        try:
+            self._commit(group, locked=locked)
+        except Exception as exc:  # a bug here must not leave requests waiting forever
+            log.exception("group_commit_failed", units=len(group))
+            for unit in group:
+                if not unit.future.done():
+                    unit.future.set_exception(exc)
 
     def _group_size(self) -> int:
         return min(len(self._waiting), self.max_group)
 
-    def _commit(self, group: list[_Unit[Any]]) -> None:
+    def _commit(self, group: list[_Unit[Any]], *, locked: bool = False) -> None:
         try:
-            with self.store.group_transaction() as tx:
+            with self.store.group_transaction(locked=locked) as tx:
                 tx.lock_hosts(sorted({h for unit in group for h in unit.locks}))
                 outcomes = [_apply(unit, tx) for unit in group]
         except Exception as exc:
@@ -116,7 +219,7 @@ class GroupCommitter:
                 return
             log.warning("group_commit_split", units=len(group), error=str(exc))
             for unit in group:
-                self._commit([unit])
+                self._commit([unit], locked=locked)
             return
         for unit, outcome in zip(group, outcomes, strict=True):
             _settle(unit, outcome)

@@ -9,6 +9,7 @@ Concurrent requests share their transaction and its commit (``collector.groupcom
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -48,11 +49,18 @@ class Ingestor:
     (``GroupCommitter``), which commits concurrent requests together and answers each only
     after its commit."""
 
-    def __init__(self, store: Store, config: Config, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        metrics: Metrics,
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.metrics = metrics
-        self.committer = GroupCommitter(store)
+        self.committer = GroupCommitter(store, loop=loop)  # on the server's event loop
         self._keys: dict[str, tuple[str, Ed25519PublicKey]] = {}
         # the fleet's keys, read in one query when the first report comes and loaded into
         # ``_keys`` as their hosts report: a report seldom waits for the database to learn

@@ -19,8 +19,7 @@ import json
 from typing import Any, Final
 
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from collector.answers import exception_response
@@ -60,16 +59,30 @@ def is_report(scope: Scope) -> bool:
 async def answer_reports(scope: Scope, receive: Receive, send: Send) -> None:
     """The ASGI endpoint of ``POST /v1/reports``; every error is answered in the envelope."""
     svc: Services = scope["app"].state.services
-    response: Response
     try:
-        answer = await receive_reports(svc, await Request(scope, receive).body())
+        answer = await receive_reports(svc, await _body(receive))
     except ClientDisconnect:  # the agent is gone before it sent the batch: nothing to do
         return
     except Exception as exc:
-        response = exception_response(exc, PATH)
-    else:
-        response = Response(_dumps(answer), media_type="application/json")
-    await response(scope, receive, send)
+        await exception_response(exc, PATH)(scope, receive, send)
+        return
+    body = _dumps(answer)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _body(receive: Receive) -> bytes:
+    """The request body (``BodyLimit`` has bounded its size); what starlette's ``Request.body``
+    does, without building a request and a response object for every report."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _dumps(answer: dict[str, Any]) -> bytes:

@@ -84,8 +84,21 @@ class SqlStore:
         except SQLAlchemyError as exc:
             raise StoreError(f"database error: {exc}") from exc
 
+    # A backend whose writers take turns before they begin (SQLite) holds that turn between
+    # ``lock_writer`` (or a ``try_lock_writer`` that said True) and ``unlock_writer``; any thread
+    # may let it go. Elsewhere (PostgreSQL: row locks, taken inside) they do nothing.
+    def try_lock_writer(self) -> bool:
+        return True
+
+    def lock_writer(self) -> None:
+        """Wait for the writer's turn."""
+
+    def unlock_writer(self) -> None:
+        """Let the writer's turn go."""
+
     @contextmanager
-    def _transaction(self, kind: type[SqlTx] = SqlTx) -> Iterator[SqlTx]:
+    def _transaction(self, kind: type[SqlTx] = SqlTx, *, locked: bool = False) -> Iterator[SqlTx]:
+        """A write transaction; ``locked``: the caller holds the writer's turn already."""
         with self._connect(write=True) as conn:
             yield kind(conn, self.clock(), self.insert, row_locks=self.row_locks)
 
@@ -93,16 +106,17 @@ class SqlStore:
         return self._transaction()
 
     @contextmanager
-    def _group_transaction(self) -> Iterator[GroupTx]:
-        with self._transaction(GroupTx) as tx:
+    def _group_transaction(self, *, locked: bool = False) -> Iterator[GroupTx]:
+        with self._transaction(GroupTx, locked=locked) as tx:
             assert isinstance(tx, GroupTx)
             yield tx
             tx.flush()
 
-    def group_transaction(self) -> AbstractContextManager[GroupTx]:
+    def group_transaction(self, *, locked: bool = False) -> AbstractContextManager[GroupTx]:
         """A transaction for many units of work at once (a group commit): what they write is
-        kept and written in a few statements just before the commit (``GroupTx``)."""
-        return self._group_transaction()
+        kept and written in a few statements just before the commit (``GroupTx``).
+        ``locked``: the caller holds the writer's turn (``lock_writer``) already."""
+        return self._group_transaction(locked=locked)
 
     def read(self) -> AbstractContextManager[Connection]:
         """A connection for reads that need no write lock (metrics gauges, reports)."""

@@ -46,15 +46,41 @@ class SqliteStore(SqlStore):
         self._lock_fd: int | None = None
 
     @contextmanager
-    def _transaction(self, kind: type[SqlTx] = SqlTx) -> Iterator[SqlTx]:
-        with self._writer:
-            fd = self._lock_file()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                with super()._transaction(kind) as tx:
-                    yield tx
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+    def _transaction(self, kind: type[SqlTx] = SqlTx, *, locked: bool = False) -> Iterator[SqlTx]:
+        if not locked:
+            self.lock_writer()
+        try:
+            with super()._transaction(kind) as tx:
+                yield tx
+        finally:
+            if not locked:
+                self.unlock_writer()
+
+    def lock_writer(self) -> None:
+        self._writer.acquire()
+        try:
+            fcntl.flock(self._lock_file(), fcntl.LOCK_EX)
+        except BaseException:
+            self._writer.release()
+            raise
+
+    def try_lock_writer(self) -> bool:
+        if not self._writer.acquire(blocking=False):
+            return False
+        try:
+            fcntl.flock(self._lock_file(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._writer.release()
+            return False
+        except BaseException:
+            self._writer.release()
+            raise
+        return True
+
+    def unlock_writer(self) -> None:
+        assert self._lock_fd is not None
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        self._writer.release()
 
     def _lock_file(self) -> int:
         """Opened on first use, in the process that uses it (a forked worker has its own)."""
@@ -102,6 +128,10 @@ def open_store(url: URL, *, pool_size: int) -> SqliteStore:
         pool_size=pool_size,
         max_overflow=pool_size,
     )
+    # An INSERT executed with many rows goes out as one multi-row statement (per thousand
+    # rows), not one step per row: the driver lets go of the interpreter lock at every step,
+    # and a group commit holding the write lock would wait on the event loop each time.
+    engine.dialect.use_insertmanyvalues_wo_returning = True
     event.listen(engine, "connect", _on_connect)
     event.listen(engine, "begin", _on_begin)
     return SqliteStore(

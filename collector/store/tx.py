@@ -44,15 +44,14 @@ from collector.store.schema import (
 
 InsertFactory = Callable[[Table], Insert]
 _ENQUEUE: dict[str, Any] = {}  # the job insert, by dialect name
+_ENQUEUE_MANY: dict[str, Any] = {}  # a group's job inserts (executed many), by dialect name
 
 # A group commit's statements, built once: SQLAlchemy then finds each compiled form in its
 # cache without building and hashing a new statement for every group.
 _IDS: BindParameter[list[str]] = bindparam("ids", expanding=True)
 _GROUP_HOSTS = select(hosts).where(hosts.c.host_id.in_(_IDS)).order_by(hosts.c.host_id)
 _GROUP_HOSTS_LOCKED = _GROUP_HOSTS.with_for_update()
-_GROUP_TIPS = select(
-    host_keys.c.host_id, host_keys.c.key_id, host_keys.c.last_seq, host_keys.c.last_digest
-).where(host_keys.c.host_id.in_(_IDS))
+_GROUP_TIPS = select(host_keys).where(host_keys.c.host_id.in_(_IDS))
 _APPEND = {table: table.insert() for table in (envelopes, findings, transitions)}
 _UPDATE_HOST = update(hosts).where(hosts.c.host_id == bindparam("b_host"))
 _UPDATE_TIP = (
@@ -60,6 +59,26 @@ _UPDATE_TIP = (
     .where(host_keys.c.host_id == bindparam("b_host"), host_keys.c.key_id == bindparam("b_key"))
     .values(last_seq=bindparam("b_seq"), last_digest=bindparam("b_digest"))
 )
+
+# A group's host rows and chain tips are written back whole, as upserts executed many: with
+# RETURNING, SQLAlchemy sends them as one multi-row INSERT ... ON CONFLICT DO UPDATE per
+# thousand rows ("insertmanyvalues") instead of one UPDATE per host. Built once per dialect and
+# set of changed columns.
+_UPSERTS: dict[tuple[str, str, tuple[str, ...]], Any] = {}
+
+
+def _upsert(insert: InsertFactory, dialect: str, table: Table, changed: tuple[str, ...]) -> Any:
+    key = (dialect, table.name, changed)
+    statement = _UPSERTS.get(key)
+    if statement is None:
+        new = insert(table)
+        primary = [c for c in table.primary_key.columns]
+        statement = new.on_conflict_do_update(  # type: ignore[attr-defined]
+            index_elements=primary,
+            set_={c: new.excluded[c] for c in changed},  # type: ignore[attr-defined]
+        ).returning(*primary)
+        _UPSERTS[key] = statement
+    return statement
 
 
 class SqlTx:
@@ -327,6 +346,7 @@ class GroupTx(SqlTx):
         self._hosts: dict[str, dict[str, Any]] = {}  # host rows as they now are
         self._host_updates: dict[str, dict[str, Any]] = {}
         self._tips: dict[tuple[str, str], wire.ChainState] = {}
+        self._tip_rows: dict[tuple[str, str], dict[str, Any]] = {}  # host_keys rows as read
         self._tips_read: set[str] = set()  # hosts whose every tip is in _tips
         self._tip_updates: set[tuple[str, str]] = set()
         self._digests: dict[tuple[str, str, int], str] = {}
@@ -347,6 +367,7 @@ class GroupTx(SqlTx):
         for row in self.conn.execute(query, {"ids": wanted}):
             self._hosts[row.host_id] = dict(row._mapping)
         for row in self.conn.execute(_GROUP_TIPS, {"ids": wanted}):
+            self._tip_rows[(row.host_id, row.key_id)] = dict(row._mapping)
             self._tips[(row.host_id, row.key_id)] = wire.ChainState(row.last_seq, row.last_digest)
         self._tips_read.update(wanted)
 
@@ -382,6 +403,7 @@ class GroupTx(SqlTx):
         super().add_key(host_id, key_id, public_key)
         self._tips_read.discard(host_id)
         self._tips.pop((host_id, key_id), None)
+        self._tip_rows.pop((host_id, key_id), None)
 
     def set_tip(self, host_id: str, key_id: str, tip: wire.ChainState) -> None:
         self._tips[(host_id, key_id)] = wire.ChainState(tip.last_seq, tip.last_digest)
@@ -413,34 +435,64 @@ class GroupTx(SqlTx):
         return self._images[build_id]
 
     def flush(self) -> None:
-        """Write what the units kept here: one statement per table (per shape of update)."""
+        """Write what the units kept here: one statement per table (per thousand rows)."""
         for table, pending in self._rows.items():
             if pending:
                 self.conn.execute(_APPEND[table], pending)
                 pending.clear()
+        self._flush_hosts()
+        self._flush_tips()
+        if self._jobs:  # one open job per kind and dedup key: a duplicate is skipped
+            statement = _ENQUEUE_MANY.get(self.conn.dialect.name)
+            if statement is None:
+                statement = (
+                    self._insert(jobs)
+                    .on_conflict_do_nothing()  # type: ignore[attr-defined]
+                    .returning(jobs.c.id)
+                )
+                _ENQUEUE_MANY[self.conn.dialect.name] = statement
+            self.conn.execute(statement, self._jobs).all()
+            self._jobs.clear()
+
+    def _flush_hosts(self) -> None:
+        """Hosts read up front are written back whole (an upsert of their rows as they now
+        are); any other host by an UPDATE per shape of change."""
+        whole: list[dict[str, Any]] = []
+        changed: set[str] = set()
         by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for host_id, values in self._host_updates.items():
-            by_columns.setdefault(tuple(sorted(values)), []).append({"b_host": host_id, **values})
+            if host_id in self._hosts:
+                whole.append(self._hosts[host_id])
+                changed.update(values)
+            else:
+                key = tuple(sorted(values))
+                by_columns.setdefault(key, []).append({"b_host": host_id, **values})
+        if whole:
+            dialect = self.conn.dialect.name
+            statement = _upsert(self._insert, dialect, hosts, tuple(sorted(changed)))
+            self.conn.execute(statement, whole).all()
         for batch in by_columns.values():
             self.conn.execute(_UPDATE_HOST, batch)
         self._host_updates.clear()
-        if self._tip_updates:
-            self.conn.execute(
-                _UPDATE_TIP,
-                [
-                    {
-                        "b_host": h,
-                        "b_key": key,
-                        "b_seq": self._tips[(h, key)].last_seq,
-                        "b_digest": self._tips[(h, key)].last_digest,
-                    }
-                    for h, key in sorted(self._tip_updates)
-                ],
-            )
-            self._tip_updates.clear()
-        if self._jobs:  # one open job per kind and dedup key: a duplicate is skipped
-            self.conn.execute(
-                self._insert(jobs).on_conflict_do_nothing(),  # type: ignore[attr-defined]
-                self._jobs,
-            )
-            self._jobs.clear()
+
+    def _flush_tips(self) -> None:
+        whole: list[dict[str, Any]] = []
+        others: list[dict[str, Any]] = []
+        for host_key in sorted(self._tip_updates):
+            tip = self._tips[host_key]
+            row = self._tip_rows.get(host_key)
+            if row is not None:
+                row.update(last_seq=tip.last_seq, last_digest=tip.last_digest)
+                whole.append(row)
+            else:
+                h, key = host_key
+                others.append(
+                    {"b_host": h, "b_key": key, "b_seq": tip.last_seq, "b_digest": tip.last_digest}
+                )
+        if whole:
+            dialect = self.conn.dialect.name
+            statement = _upsert(self._insert, dialect, host_keys, ("last_digest", "last_seq"))
+            self.conn.execute(statement, whole).all()
+        if others:
+            self.conn.execute(_UPDATE_TIP, others)
+        self._tip_updates.clear()

@@ -33,6 +33,30 @@ def test_chain_verifies(key: Ed25519PrivateKey) -> None:
     assert [e.seq for e in envs] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"n": 1},
+        {"time": "2026-01-01T00:00:00Z", "sig": "x", "v": 2, "nested": {"seq": [1, 2.5, None]}},
+        {"text": 'é \u2028 \n " \\ \u0000', "flag": True, "empty": {}, "list": []},
+        {"path": wire.encode_path("/etc/\udcff\nname"), "big": 2**70, "neg": -0.0},
+    ],
+)
+def test_signed_and_hashed_bytes_are_the_canonical_form(
+    key: Ed25519PrivateKey, body: dict[str, Any]
+) -> None:
+    """The bytes a received envelope is verified and chained by are ``canonical`` of the
+    envelope without and with its signature, byte for byte, whatever the body holds."""
+    sent = wire.make_envelope(
+        key, host_id="h-1", boot_id="b-1", seq=7, prev="a" * 64, kind="heartbeat", body=body
+    ).to_json()
+    received = wire.parse_envelope(copy.deepcopy(sent))
+    unsigned = {k: v for k, v in sent.items() if k != "sig"}
+    assert received.signed_bytes == wire.canonical(unsigned)
+    assert received.digest == wire.sha256_hex(wire.canonical(sent))
+    wire.verify_signature(received, key.public_key())
+
+
 def test_forged_body_is_refused(key: Ed25519PrivateKey) -> None:
     envs = _chain(key, 3)
     envs[1]["body"] = {"n": 99}

@@ -4,6 +4,9 @@ own unit; two writers (two replicas) locking the same hosts never deadlock."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -251,3 +254,59 @@ def test_many_hosts_reporting_at_once_are_all_stored(
     for host in hosts:
         stored = store.host(host.host_id)
         assert stored is not None and stored.envelopes == 3 and stored.state.value == "clean"
+
+
+# --- on the event loop (the server) ------------------------------------------------------------
+
+
+def test_on_the_loop_units_submitted_together_share_one_commit(store: SqlStore) -> None:
+    seen: list[Tx] = []
+
+    async def main() -> list[str]:
+        committer = GroupCommitter(store, loop=asyncio.get_running_loop())
+        try:
+            futures = [committer.submit(insert(f"l-{n}", seen)) for n in range(20)]
+            return list(await asyncio.gather(*(asyncio.wrap_future(f) for f in futures)))
+        finally:
+            committer.close()
+
+    assert asyncio.run(main()) == [f"l-{n}" for n in range(20)]
+    assert len({id(tx) for tx in seen}) == 1, "one transaction"
+    assert all(store.host(f"l-{n}") is not None for n in range(20))
+
+
+def test_on_the_loop_a_write_lock_held_elsewhere_never_blocks_the_loop(
+    sqlite_store: SqlStore,
+) -> None:
+    """Another process holds SQLite's write lock (its flock): the units wait, the event loop
+    goes on serving, and they are written as soon as the lock is let go."""
+    lock_path = sqlite_store.engine.url.database + "-writer"  # type: ignore[operator]
+    other = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    ticks = 0
+
+    async def main() -> str:
+        nonlocal ticks
+        committer = GroupCommitter(sqlite_store, loop=asyncio.get_running_loop())
+        try:
+            future = asyncio.wrap_future(committer.submit(insert("busy-1")))
+            while ticks < 50:  # the loop turns while the unit waits for the lock
+                await asyncio.sleep(0.001)
+                ticks += 1
+            assert not future.done(), "written while another process held the write lock"
+            fcntl.flock(other, fcntl.LOCK_UN)
+            return await asyncio.wait_for(future, WAIT_S)
+        finally:
+            committer.close()
+
+    fcntl.flock(other, fcntl.LOCK_EX)
+    # were the loop to wait for the lock, this lets it go after a while: the test then fails
+    # (the unit is written before the loop turned) rather than hangs
+    watchdog = threading.Timer(10, fcntl.flock, (other, fcntl.LOCK_UN))
+    watchdog.start()
+    try:
+        assert asyncio.run(main()) == "busy-1"
+    finally:
+        watchdog.cancel()
+        os.close(other)
+    assert ticks == 50
+    assert sqlite_store.host("busy-1") is not None
