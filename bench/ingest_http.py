@@ -52,7 +52,8 @@ class Client:
         try:
             writer.write(head + body)
             answer, reusable = await _read_answer(reader)
-        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        except (OSError, RuntimeError, asyncio.IncompleteReadError, ValueError) as exc:
+            # RuntimeError: uvloop refuses to write to a pooled connection the server closed
             writer.close()
             raise HttpError(f"{method} {path}: {exc!r}") from exc
         if self.keep_alive and reusable:
