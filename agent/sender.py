@@ -14,27 +14,33 @@ body (a proxy, a WAF, a gateway in front of the collector) and a chain conflict 
 
 from __future__ import annotations
 
-import http.client
 import json
 import random
-import socket
 import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Final, Self
 
+import requests
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ProxyError, ReadTimeoutError
+from urllib3.util.retry import Retry
 
 from agent import durable, keys, wire
 from agent.config import CollectorSection, Secret
 from agent.errors import AgentError, CollectorError, SpoolError, advice
 from agent.reporter import Reporter
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from urllib3.connectionpool import ConnectionPool
+    from urllib3.response import BaseHTTPResponse
 
 ENROLL_FILE: Final = "enrollment.json"
 REPORTS_PATH: Final = "/v1/reports"
@@ -90,108 +96,90 @@ class Backoff:
         self.attempt = 0
 
 
-class CollectorClient:
-    """JSON over HTTP(S) to one collector: TLS verified (the system CAs, or
-    ``[collector] ca_bundle``), connect and read timeouts, one connection kept alive.
+class _OnceMoreIfDropped(Retry):
+    """One more attempt, at once, when a request got no answer: the connection could not
+    be made, or it ended before the answer, as a kept-alive connection the collector (or
+    a proxy) closed while idle does when the close crosses the next report on its way.
+    urllib3 retries that for idempotent methods only, and through a proxy counts it as a
+    proxy error: this retries any of them once, for POST too. Posting a report twice is
+    safe (a re-sent envelope is acknowledged as a duplicate; enrolling again with the same
+    key answers 200). Never after a read timeout: the collector may still be working on
+    it, and ``read_timeout_s`` bounds the wait. Never on an answer: whatever its status
+    or ``Retry-After``, the sender decides."""
 
-    The standard library's ``http.client``, not an HTTP library with a session layer: the
-    agent posts JSON to one URL, and the daemon's idle memory is a target (``requests`` and
-    what it imports cost it about 5 MB). ``https_proxy`` / ``http_proxy`` / ``no_proxy``
-    from the environment are honoured (a tunnel through the proxy for https). A kept-alive
-    connection the collector has closed meanwhile is opened again once, at once; every
-    report is safe to post twice (a re-sent envelope is acknowledged as a duplicate)."""
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: ConnectionPool | None = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> Self:
+        cause = error.original_error if isinstance(error, ProxyError) else error
+        if error is not None and isinstance(cause, ReadTimeoutError):
+            raise error.with_traceback(_stacktrace)
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
+class CollectorClient:
+    """JSON over HTTP(S) to one collector with ``requests``: one session, one connection
+    kept alive, connect and read timeouts on every request.
+
+    TLS is verified against ``[collector] ca_bundle`` when it is set, else against the
+    system's CAs (where OpenSSL finds them; ``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` override
+    it). ``https_proxy`` / ``http_proxy`` / ``no_proxy`` from the environment are honoured
+    as requests honours them (a CONNECT tunnel through the proxy for https). Redirects are
+    not followed: a 3xx is an answer like any other. A connection that could not be made
+    or that the collector closed without answering is tried once more at once
+    (``_OnceMoreIfDropped``)."""
 
     def __init__(self, config: CollectorSection) -> None:
         self.url = config.url.rstrip("/")
-        parts = urlsplit(self.url)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or ""
-        self._port = parts.port or (443 if self._https else 80)
-        self._prefix = parts.path
-        self._connect_timeout_s = config.connect_timeout_s
-        self._read_timeout_s = config.read_timeout_s
-        self._context: ssl.SSLContext | None = None
-        if self._https:
-            cafile = str(config.ca_bundle) if config.ca_bundle else None
-            self._context = ssl.create_default_context(cafile=cafile)
-        self._proxy = _proxy_for(parts.scheme, self._host)
-        self._conn: http.client.HTTPConnection | None = None
+        self._timeout_s = (config.connect_timeout_s, config.read_timeout_s)
+        # passed with each request: a session-wide verify loses to $REQUESTS_CA_BUNDLE
+        self._verify = str(config.ca_bundle) if config.ca_bundle else _system_cas()
+        retry = _OnceMoreIfDropped(total=1, allowed_methods=None, respect_retry_after_header=False)
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=retry)
+        self._session = requests.Session()
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers.update(
+            {"Content-Type": "application/json", "Accept": "application/json"}
+        )
         self._lock = threading.Lock()
 
     def post(self, path: str, obj: Mapping[str, Any]) -> Reply:
         data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         with self._lock:
             try:
-                status, raw = self._post(path, data)
-            except (OSError, http.client.HTTPException) as exc:
-                self._close()
-                name = "SSLError" if isinstance(exc, ssl.SSLError) else type(exc).__name__
-                raise CollectorError(f"{name}: {exc}", path=self.url + path) from exc
+                response = self._session.post(
+                    self.url + path,
+                    data=data,
+                    timeout=self._timeout_s,
+                    verify=self._verify,
+                    allow_redirects=False,
+                )
+                raw = response.content
+            except (requests.RequestException, OSError) as exc:
+                raise CollectorError(f"{type(exc).__name__}: {exc}", path=self.url + path) from exc
         try:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        return Reply(status, body)
-
-    def _post(self, path: str, data: bytes) -> tuple[int, bytes]:
-        reused = self._conn is not None
-        conn = self._conn or self._connect()
-        target = self._prefix + path
-        if self._proxy is not None and not self._https:
-            target = self.url + path  # a plain-http proxy takes the absolute URL
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        try:
-            conn.request("POST", target, body=data, headers=headers)
-            response = conn.getresponse()
-        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            if not reused:
-                raise
-            self._close()  # closed by the collector while idle: once more, on a new one
-            conn = self._connect()
-            conn.request("POST", target, body=data, headers=headers)
-            response = conn.getresponse()
-        raw = response.read()
-        if response.will_close:
-            self._close()
-        return response.status, raw
-
-    def _connect(self) -> http.client.HTTPConnection:
-        host, port = self._proxy or (self._host, self._port)
-        conn: http.client.HTTPConnection
-        if self._https:
-            conn = http.client.HTTPSConnection(
-                host, port, timeout=self._connect_timeout_s, context=self._context
-            )
-            if self._proxy is not None:
-                conn.set_tunnel(self._host, self._port)
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout_s)
-        conn.connect()
-        if conn.sock is not None:
-            conn.sock.settimeout(self._read_timeout_s)
-            # A report's last partial segment must not wait for the ACK of the ones before.
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._conn = conn
-        return conn
-
-    def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        return Reply(response.status_code, body)
 
     def close(self) -> None:
         with self._lock:
-            self._close()
+            self._session.close()
 
 
-def _proxy_for(scheme: str, host: str) -> tuple[str, int] | None:
-    """The proxy the environment names for ``scheme`` (``https_proxy``, ``http_proxy``),
-    unless ``no_proxy`` exempts ``host``."""
-    proxy = urllib.request.getproxies_environment().get(scheme)
-    if not proxy or urllib.request.proxy_bypass(host):
-        return None
-    parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
-    return (parts.hostname or "", parts.port or 80) if parts.hostname else None
+def _system_cas() -> str | bool:
+    """The system's CAs as ``ssl.create_default_context()`` finds them: OpenSSL's default CA
+    file, else its CA directory (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` first). True (requests'
+    own bundle) only on a system that has neither."""
+    paths = ssl.get_default_verify_paths()
+    return paths.cafile or paths.capath or True
 
 
 class Enrollment:

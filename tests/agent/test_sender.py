@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import random
 import socket
-import ssl
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import NameOID
 from structlog.testing import capture_logs
 
 from agent import wire
 from agent.config import CollectorSection, Secret
-from agent.errors import CollectorError
 from agent.reporter import Reporter
 from agent.sender import Backoff, CollectorClient, Enrollment, Sender
 from agent.spool import Spool
+from tests.agent.loopback_http import tls_material
 from tests.agent.receiver import Receiver
 
 HOST = "h-1"
@@ -275,50 +268,8 @@ def test_a_silent_collector_never_blocks_stop(make_agent: Callable[..., Agent]) 
 # --- TLS -------------------------------------------------------------------------------------
 
 
-def _tls(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
-    """A CA, a server certificate for 127.0.0.1 signed by it, and the CA bundle file."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collector")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (tmp_path / "server.pem").write_bytes(cert.public_bytes(pem))
-    (tmp_path / "server.key").write_bytes(
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
-    return context, tmp_path / "ca.pem"
-
-
 def test_tls_with_a_configured_ca_bundle(tmp_path: Path, make_agent: Callable[..., Agent]) -> None:
-    context, ca = _tls(tmp_path)
+    context, ca = tls_material(tmp_path)
     with Receiver(tls=context) as rx:
         agent = make_agent(rx.url, ca_bundle=ca)
         agent.report(3)
@@ -330,7 +281,7 @@ def test_tls_with_a_configured_ca_bundle(tmp_path: Path, make_agent: Callable[..
 def test_tls_refuses_a_server_outside_the_bundle(
     tmp_path: Path, make_agent: Callable[..., Agent]
 ) -> None:
-    context, _ = _tls(tmp_path)
+    context, _ = tls_material(tmp_path)
     with Receiver(tls=context) as rx, capture_logs() as logs:
         agent = make_agent(rx.url)  # system CAs only
         agent.report(1)
@@ -353,95 +304,3 @@ def test_wire_chain_from_the_receiver_verifies(
     objs[1], objs[2] = objs[2], objs[1]
     with pytest.raises(wire.ChainError):
         wire.verify_chain(objs, agent.key.public_key())
-
-
-# --- the HTTP client --------------------------------------------------------------------------
-
-
-class _Http11:
-    """A loopback HTTP/1.1 server answering every POST with ``{"ok": true}``; it notes the
-    request target and the connection of each request, and can close a kept-alive
-    connection right after answering (as a collector does when it has been idle)."""
-
-    def __init__(self, *, close_after_answer: bool = False) -> None:
-        import http.server
-        import threading
-
-        seen: list[tuple[str, int]] = []
-        self.seen = seen
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                seen.append((self.path, self.client_address[1]))
-                body = b'{"ok": true}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-                self.close_connection = close_after_answer  # silently: no Connection: close
-
-            def log_message(self, *_args: object) -> None:
-                return
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> _Http11:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
-def test_the_client_keeps_one_connection_alive() -> None:
-    with _Http11() as server:
-        client = CollectorClient(CollectorSection(url=server.url + "/base"))
-        replies = [client.post("/v1/reports", {"n": n}) for n in range(3)]
-        client.close()
-    assert [(r.status, r.body) for r in replies] == [(200, {"ok": True})] * 3
-    assert [path for path, _port in server.seen] == ["/base/v1/reports"] * 3
-    assert len({port for _path, port in server.seen}) == 1
-
-
-def test_a_connection_the_collector_closed_while_idle_is_opened_again_at_once() -> None:
-    with _Http11(close_after_answer=True) as server:
-        client = CollectorClient(CollectorSection(url=server.url))
-        first = client.post("/v1/reports", {"n": 1})
-        time.sleep(0.05)  # let the server's close reach the client's socket
-        second = client.post("/v1/reports", {"n": 2})
-        client.close()
-    assert (first.status, second.status) == (200, 200)
-    assert len({port for _path, port in server.seen}) == 2
-
-
-def test_a_proxy_from_the_environment_is_used_unless_no_proxy_exempts_the_host(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    collector = "http://collector.invalid:8080"
-    with _Http11() as proxy:
-        monkeypatch.setenv("http_proxy", proxy.url)
-        monkeypatch.delenv("no_proxy", raising=False)
-        monkeypatch.delenv("NO_PROXY", raising=False)
-        client = CollectorClient(CollectorSection(url=collector))
-        reply = client.post("/v1/reports", {"n": 1})
-        client.close()
-        assert reply.status == 200
-        assert [path for path, _port in proxy.seen] == [collector + "/v1/reports"]
-
-        monkeypatch.setenv("no_proxy", "collector.invalid")
-        client = CollectorClient(CollectorSection(url=collector, connect_timeout_s=1.0))
-        with pytest.raises(CollectorError, match=r"collector\.invalid"):
-            client.post("/v1/reports", {"n": 2})
-        assert len(proxy.seen) == 1
