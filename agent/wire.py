@@ -90,11 +90,15 @@ class Verifier(Protocol):
 # --- canonical bytes -------------------------------------------------------------------------
 
 
+# One encoder for every call: ``json.dumps`` with these options builds a new one each time.
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def canonical(obj: Any) -> bytes:
     """The one byte form that is signed and hashed: sorted keys, no spaces, UTF-8, no NaN."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return _CANONICAL.encode(obj).encode("utf-8")
 
 
 def sha256_hex(data: bytes) -> str:
