@@ -116,7 +116,11 @@ def create_app(
         own = store is None
         opened = store or open_store(config.database.url, pool_size=config.database.pool_size)
         metrics = Metrics(opened)
-        ingestor = Ingestor(opened, config, metrics, loop=asyncio.get_running_loop())
+        # SQLite's group commit runs on the event loop (see collector.groupcommit); on
+        # PostgreSQL every statement is a round trip, which the loop must not wait on: there
+        # the writer is a thread, and the loop goes on while it waits for the server
+        loop = asyncio.get_running_loop() if opened.backend == "sqlite" else None
+        ingestor = Ingestor(opened, config, metrics, loop=loop)
         app.state.services = Services(config, opened, metrics, ingestor)
         worker: WorkerThread | None = None
         try:
