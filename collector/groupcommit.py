@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -53,6 +54,7 @@ MAX_GROUP: Final = 256
 # few hundred reports a second 10 ms gathers several per commit, which 2 ms did not.
 GROUP_WINDOW_S: Final = 0.010
 STOP: Final = object()
+LOCK_RETRY_S: Final = 0.5
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,11 @@ class GroupCommitter:
             if not self._waiting:
                 return
             self._drain_due = True  # until the turn is ours
-        if self.store.try_lock_writer():
+        try:
+            free = self.store.try_lock_writer()
+        except Exception:  # the waiter tries again, and says why if it cannot
+            free = False
+        if free:
             self._drain_locked()
         else:
             self._turns.put(None)
@@ -158,7 +164,13 @@ class GroupCommitter:
     def _wait_for_turns(self) -> None:
         assert self._loop is not None
         while self._turns.get() is not STOP:
-            self.store.lock_writer()
+            try:
+                self.store.lock_writer()
+            except Exception:  # e.g. the lock file is gone: keep the units, try again
+                log.exception("group_commit_lock_failed")
+                time.sleep(LOCK_RETRY_S)
+                self._turns.put(None)
+                continue
             with self._wake:
                 self._turn_held = True
             try:
