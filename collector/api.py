@@ -132,9 +132,13 @@ def create_app(
             log.info("collector_started", backend=opened.backend, config=config.source)
             yield
         finally:
+            # the writer finishes first: on SQLite the job worker may be waiting for a write
+            # turn the event loop's writer holds, which only the loop can let go
+            if worker is not None:
+                worker.signal_stop()
+            ingestor.close()
             if worker is not None:
                 worker.stop()
-            ingestor.close()
             if own:
                 opened.close()
             log.info("collector_stopped")

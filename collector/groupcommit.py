@@ -131,10 +131,20 @@ class GroupCommitter:
         if self._turn_waiter is not None:
             self._turns.put(STOP)
             self._turn_waiter.join(timeout_s)
+            if self._turn_waiter.is_alive():  # still waiting for a writer that does not finish
+                self._refuse_waiting()
+                return
         if self._loop is not None:  # called on the loop (the server's shutdown): finish here
             self._take_turn()  # one the waiter holds for a drain the loop has not run yet
             while group := self._next_group():
                 self._write(group)
+
+    def _refuse_waiting(self) -> None:
+        """Answer what waits as not written (503: the agents keep it and send it again)."""
+        error = StoreError("the collector is shutting down; nothing was written")
+        while group := self._next_group():
+            for unit in group:
+                _settle(unit, _Failed(error))
 
     # --- the writer --------------------------------------------------------------------------
 
@@ -172,7 +182,11 @@ class GroupCommitter:
                 self._turns.put(None)
                 continue
             with self._wake:
-                self._turn_held = True
+                closing = self._closed
+                self._turn_held = not closing
+            if closing:  # ``close`` writes what is left, taking the turn itself
+                self.store.unlock_writer()
+                return
             try:
                 self._loop.call_soon_threadsafe(self._take_turn)
             except RuntimeError:  # the loop is closed: ``close`` writes what is left
@@ -193,12 +207,14 @@ class GroupCommitter:
             if group:
                 self._write(group, locked=True)
         finally:
-            self.store.unlock_writer()
-        with self._wake:
-            self._drain_due = bool(self._waiting) and not self._closed
-            again = self._drain_due
-        if again:
-            self._loop.call_soon(self._drain)
+            try:
+                self.store.unlock_writer()
+            finally:
+                with self._wake:
+                    self._drain_due = bool(self._waiting) and not self._closed
+                    again = self._drain_due
+                if again:
+                    self._loop.call_soon(self._drain)
 
     def _run(self) -> None:
         while True:
@@ -251,6 +267,8 @@ def _apply(unit: _Unit[Any], tx: Tx) -> Any:
 
 
 def _settle(unit: _Unit[Any], outcome: Any) -> None:
+    if unit.future.done():  # cancelled meanwhile (its request is gone): nobody to answer
+        return
     if isinstance(outcome, _Failed):
         unit.future.set_exception(outcome.exc)
     else:

@@ -146,6 +146,10 @@ class WorkerThread:
     def start(self) -> None:
         self._thread.start()
 
+    def signal_stop(self) -> None:
+        """Ask the worker to stop after its current job (``stop`` waits for it)."""
+        self._stop.set()
+
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stop.set()
         if self._thread.is_alive():

@@ -79,8 +79,10 @@ class SqliteStore(SqlStore):
 
     def unlock_writer(self) -> None:
         assert self._lock_fd is not None
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-        self._writer.release()
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._writer.release()
 
     def _lock_file(self) -> int:
         """Opened on first use, in the process that uses it (a forked worker has its own)."""

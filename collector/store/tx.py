@@ -365,7 +365,7 @@ class GroupTx(SqlTx):
             return
         query = _GROUP_HOSTS_LOCKED if self._row_locks else _GROUP_HOSTS
         for row in self.conn.execute(query, {"ids": wanted}):
-            self._hosts[row.host_id] = dict(row._mapping)
+            self._hosts[row.host_id] = {**row._mapping, **self._host_updates.get(row.host_id, {})}
         for row in self.conn.execute(_GROUP_TIPS, {"ids": wanted}):
             self._tip_rows[(row.host_id, row.key_id)] = dict(row._mapping)
             self._tips[(row.host_id, row.key_id)] = wire.ChainState(row.last_seq, row.last_digest)
@@ -378,7 +378,7 @@ class GroupTx(SqlTx):
             ).first()
             if row is None:
                 return None
-            self._hosts[host_id] = dict(row._mapping)
+            self._hosts[host_id] = {**row._mapping, **self._host_updates.get(host_id, {})}
         return rows.record(Host, self._hosts[host_id])
 
     def insert_host(self, host_id: str, values: Mapping[str, Any]) -> None:

@@ -310,3 +310,47 @@ def test_on_the_loop_a_write_lock_held_elsewhere_never_blocks_the_loop(
         os.close(other)
     assert ticks == 50
     assert sqlite_store.host("busy-1") is not None
+
+
+def test_on_the_loop_close_refuses_what_waits_on_a_lock_held_elsewhere_and_leaks_no_lock(
+    sqlite_store: SqlStore,
+) -> None:
+    """Shutting down while another process holds the write lock for longer than ``close``
+    waits: what waits is refused (503: agents send it again), ``close`` returns, and the
+    write lock is let go once the other process is done (nothing is left holding it)."""
+    lock_path = sqlite_store.engine.url.database + "-writer"  # type: ignore[operator]
+    other = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    released = threading.Event()
+
+    def release() -> None:
+        fcntl.flock(other, fcntl.LOCK_UN)
+        released.set()
+
+    releaser = threading.Timer(3, release)
+    releaser.start()
+    committer: GroupCommitter | None = None
+
+    async def main() -> BaseException | None:
+        nonlocal committer
+        committer = GroupCommitter(sqlite_store, loop=asyncio.get_running_loop())
+        future = committer.submit(insert("late-1"))
+        await asyncio.sleep(0.5)  # the group's window passes; its turn is asked for
+        committer.close(timeout_s=0.2)
+        assert future.done(), "close returned with a unit unanswered"
+        return future.exception()
+
+    try:
+        error = asyncio.run(main())
+        assert not released.is_set(), "close waited for the other process"
+        assert isinstance(error, StoreError)
+        assert released.wait(WAIT_S)
+        assert committer is not None and committer._turn_waiter is not None
+        committer._turn_waiter.join(WAIT_S)
+        assert not committer._turn_waiter.is_alive()
+        assert sqlite_store.try_lock_writer(), "the write lock was left held"
+        sqlite_store.unlock_writer()
+        assert sqlite_store.host("late-1") is None
+    finally:
+        releaser.cancel()
+        os.close(other)
