@@ -9,24 +9,13 @@ from typing import Any
 from sqlalchemy import Row, select, update
 
 from collector.response.records import Incident
+from collector.store import rows
 from collector.store.schema import incidents
 from collector.store.tx import SqlTx
 
 
 def _incident(row: Row[Any]) -> Incident:
-    m = row._mapping
-    return Incident(
-        dedup_key=m["dedup_key"],
-        host_id=m["host_id"],
-        pool=m["pool"],
-        cause=m["cause"],
-        status=m["status"],
-        version=m["version"],
-        alert=dict(m["alert"]),
-        sent=dict(m["sent"] or {}),
-        opened_at=m["opened_at"],
-        updated_at=m["updated_at"],
-    )
+    return rows.record(Incident, row)
 
 
 def incident(tx: SqlTx, dedup_key: str) -> Incident | None:

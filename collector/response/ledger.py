@@ -29,7 +29,7 @@ from collector.response.records import (
     ReplacementState,
     Scope,
 )
-from collector.store import SqlStore, Store
+from collector.store import SqlStore, Store, rows
 from collector.store.schema import (
     decisions,
     drift_marks,
@@ -60,24 +60,7 @@ def _insert(tx: SqlTx, table: Table) -> Insert:
 
 
 def _replacement(row: Row[Any]) -> Replacement:
-    m = row._mapping
-    return Replacement(
-        replacement_id=m["id"],
-        host_id=m["host_id"],
-        pool=m["pool"],
-        state=ReplacementState(m["state"]),
-        request_id=m["request_id"],
-        action=m["action"],
-        cause=m["cause"],
-        requests=m["requests"],
-        blocked_by=m["blocked_by"],
-        blocked_reason=m["blocked_reason"],
-        lease_until=m["lease_until"],
-        acted_at=m["acted_at"],
-        outcome=dict(m["outcome"] or {}),
-        created_at=m["created_at"],
-        updated_at=m["updated_at"],
-    )
+    return rows.record(Replacement, row, id_field="replacement_id")
 
 
 def open_replacement(tx: SqlTx, host_id: str) -> Replacement | None:
@@ -200,20 +183,7 @@ def newest_image(tx: SqlTx, pool: str) -> str | None:
 
 
 def _hold(row: Row[Any]) -> Hold:
-    m = row._mapping
-    return Hold(
-        hold_id=m["id"],
-        scope=Scope(m["scope"]),
-        target=m["target"],
-        kind=HoldKind(m["kind"]),
-        reason=m["reason"],
-        actor=m["actor"],
-        created_at=m["created_at"],
-        detail=dict(m["detail"] or {}),
-        released_at=m["released_at"],
-        released_by=m["released_by"],
-        release_reason=m["release_reason"],
-    )
+    return rows.record(Hold, row, id_field="hold_id")
 
 
 def open_holds(tx: SqlTx, scope: Scope, target: str) -> list[Hold]:

@@ -9,27 +9,13 @@ from typing import Any
 from sqlalchemy import Row, select, update
 
 from collector.response.records import Session
+from collector.store import rows
 from collector.store.schema import breakglass
 from collector.store.tx import SqlTx
 
 
 def _session(row: Row[Any]) -> Session:
-    m = row._mapping
-    return Session(
-        session_id=m["id"],
-        host_id=m["host_id"],
-        login_user=m["login_user"],
-        actor=m["actor"],
-        operator=m["operator"],
-        reason=m["reason"],
-        ticket=m["ticket"],
-        created_at=m["created_at"],
-        expires_at=m["expires_at"],
-        login_at=m["login_at"],
-        login=dict(m["login"] or {}),
-        ended_at=m["ended_at"],
-        ended_by=m["ended_by"],
-    )
+    return rows.record(Session, row, id_field="session_id")
 
 
 def add_session(

@@ -35,11 +35,11 @@ _RENAMED: dict[type[Any], dict[str, str]] = {
 }
 
 
-def _converters(cls: type[Any]) -> tuple[tuple[str, str, Any], ...]:
+def _converters(cls: type[Any], id_field: str | None) -> tuple[tuple[str, str, Any], ...]:
     if cls in _CACHE:
         return _CACHE[cls]
     hints = typing.get_type_hints(cls)
-    renamed = _RENAMED.get(cls, {})
+    renamed = {id_field: "id"} if id_field else _RENAMED.get(cls, {})
     out = []
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
@@ -61,11 +61,12 @@ def _converters(cls: type[Any]) -> tuple[tuple[str, str, Any], ...]:
     return _CACHE[cls]
 
 
-def record(cls: type[T], row: Row[Any] | Mapping[str, Any]) -> T:
-    """A record from a row, or from a mapping of its columns by name."""
+def record(cls: type[T], row: Row[Any] | Mapping[str, Any], *, id_field: str | None = None) -> T:
+    """A record from a row, or from a mapping of its columns by name; ``id_field`` names the
+    record's field that holds the row's ``id`` column."""
     values = row._mapping if isinstance(row, Row) else row
     kwargs: dict[str, Any] = {}
-    for name, column, convert in _converters(cls):
+    for name, column, convert in _converters(cls, id_field):
         value = values[column]
         if convert is dict:
             value = dict(value or {})

@@ -44,7 +44,6 @@ from collector.store.schema import (
 
 InsertFactory = Callable[[Table], Insert]
 _ENQUEUE: dict[str, Any] = {}  # the job insert, by dialect name
-_ENQUEUE_MANY: dict[str, Any] = {}  # a group's job inserts (executed many), by dialect name
 
 # A group commit's statements, built once: SQLAlchemy then finds each compiled form in its
 # cache without building and hashing a new statement for every group.
@@ -187,6 +186,11 @@ class SqlTx:
 
     def enqueue(self, job: JobSpec) -> bool:
         """Insert a job unless one with the same kind and dedup key is still open."""
+        # rowcount is not reliable after ON CONFLICT: a returned id says it was inserted
+        return self.conn.execute(self._enqueue(), self._job_row(job)).first() is not None
+
+    def _enqueue(self) -> Any:
+        """The job insert (a duplicate open job is skipped), for one row or executed many."""
         statement = _ENQUEUE.get(self.conn.dialect.name)
         if statement is None:  # built once per dialect: SQLAlchemy then reuses its compiled form
             statement = (
@@ -195,8 +199,7 @@ class SqlTx:
                 .returning(jobs.c.id)
             )
             _ENQUEUE[self.conn.dialect.name] = statement
-        # rowcount is not reliable after ON CONFLICT: a returned id says it was inserted
-        return self.conn.execute(statement, self._job_row(job)).first() is not None
+        return statement
 
     def _job_row(self, job: JobSpec) -> dict[str, Any]:
         return {
@@ -443,15 +446,7 @@ class GroupTx(SqlTx):
         self._flush_hosts()
         self._flush_tips()
         if self._jobs:  # one open job per kind and dedup key: a duplicate is skipped
-            statement = _ENQUEUE_MANY.get(self.conn.dialect.name)
-            if statement is None:
-                statement = (
-                    self._insert(jobs)
-                    .on_conflict_do_nothing()  # type: ignore[attr-defined]
-                    .returning(jobs.c.id)
-                )
-                _ENQUEUE_MANY[self.conn.dialect.name] = statement
-            self.conn.execute(statement, self._jobs).all()
+            self.conn.execute(self._enqueue(), self._jobs).all()
             self._jobs.clear()
 
     def _flush_hosts(self) -> None:
