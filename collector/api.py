@@ -127,7 +127,9 @@ def create_app(
             if config.server.workers:
                 silence.schedule(opened)
                 jobs = registry or default_registry(opened, config)
-                worker = WorkerThread(Worker(opened, jobs, config.jobs))
+                worker = WorkerThread(
+                    Worker(opened, jobs, config.jobs, yield_to=ingestor.committer.wait_idle)
+                )
                 worker.start()
             log.info("collector_started", backend=opened.backend, config=config.source)
             yield

@@ -82,6 +82,8 @@ class JobConfig:
     max_attempts: int = 12
     backoff_base_s: float = 2.0
     backoff_cap_s: float = 600.0
+    # a batch waits up to this long for the process's ingest to have nothing waiting
+    ingest_first_s: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,7 @@ _LIMITS: Final[dict[tuple[str, str], tuple[float, float]]] = {
     ("jobs", "max_attempts"): (1, 1000),
     ("jobs", "backoff_base_s"): (0.01, 3600),
     ("jobs", "backoff_cap_s"): (0.01, 86400),
+    ("jobs", "ingest_first_s"): (0, 60),
 }
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 

@@ -117,6 +117,15 @@ class GroupCommitter:
             self._loop.call_soon_threadsafe(self._loop.call_later, GROUP_WINDOW_S, self._drain)
         return unit.future
 
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is waiting to be written (True), or ``timeout_s`` (False). The
+        job worker asks before each batch: the ingest, which agents wait on, goes first."""
+        with self._wake:
+            return self._wake.wait_for(self._idle, timeout_s)
+
+    def _idle(self) -> bool:
+        return not self._waiting and not self._drain_due
+
     def run(self, apply: Callable[[Tx], T], *, locks: Sequence[str] = ()) -> T:
         """``submit`` and wait for the answer (for callers that are threads themselves)."""
         return self.submit(apply, locks=locks).result()
@@ -160,6 +169,7 @@ class GroupCommitter:
         with self._wake:
             self._drain_due = False
             if not self._waiting:
+                self._wake.notify_all()  # idle: a job worker may go
                 return
             self._drain_due = True  # until the turn is ours
         try:
@@ -213,6 +223,8 @@ class GroupCommitter:
                 with self._wake:
                     self._drain_due = bool(self._waiting) and not self._closed
                     again = self._drain_due
+                    if self._idle():
+                        self._wake.notify_all()
                 if again:
                     self._loop.call_soon(self._drain)
 
@@ -224,6 +236,9 @@ class GroupCommitter:
                 if not self._waiting:
                     return
             self._write(self._next_group())
+            with self._wake:
+                if self._idle():
+                    self._wake.notify_all()
 
     def _write(self, group: list[_Unit[Any]], *, locked: bool = False) -> None:
         try:

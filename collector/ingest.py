@@ -17,7 +17,6 @@ from datetime import datetime
 from typing import Any, Final
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import wire
 from collector import bodies, transitions, verdicts
@@ -25,6 +24,7 @@ from collector.auth import token_hash
 from collector.config import Config
 from collector.errors import Refused
 from collector.groupcommit import GroupCommitter
+from collector.hostkeys import HostKey
 from collector.metrics import Metrics
 from collector.model import EnrollToken, Finding, Host, HostState
 from collector.response import breakglass
@@ -61,7 +61,7 @@ class Ingestor:
         self.config = config
         self.metrics = metrics
         self.committer = GroupCommitter(store, loop=loop)  # on the server's event loop
-        self._keys: dict[str, tuple[str, Ed25519PublicKey]] = {}
+        self._keys: dict[str, tuple[str, HostKey]] = {}
         # the fleet's keys, read in one query when the first report comes and loaded into
         # ``_keys`` as their hosts report: a report seldom waits for the database to learn
         # its host's key (a host enrolled since then, through another process)
@@ -79,9 +79,7 @@ class Ingestor:
     def submit_enroll(self, request: Any) -> Future[Enrolled]:
         """Check the request and its proof of key; the future is answered after the commit."""
         try:
-            host_id, raw_key, facts = wire.verify_enrollment(
-                request, Ed25519PublicKey.from_public_bytes
-            )
+            host_id, raw_key, facts = wire.verify_enrollment(request, HostKey)
             bodies.short("host_id", host_id)
             values = _facts(facts)
         except wire.WireError as exc:
@@ -231,7 +229,7 @@ class Ingestor:
         self._verify(key, batch)
         return key_id
 
-    def _host_key(self, host_id: str) -> tuple[str, Ed25519PublicKey]:
+    def _host_key(self, host_id: str) -> tuple[str, HostKey]:
         """The host's enrolled key (remembered: the commit checks it is still the one)."""
         known = self._keys.get(host_id)
         if known is not None:
@@ -245,10 +243,10 @@ class Ingestor:
             raise self._refuse(404, "unknown_host", f"host {host_id!r} is not enrolled; enroll")
         return self._remember(host_id, *enrolled)
 
-    def _remember(self, host_id: str, key_id: str, raw: bytes) -> tuple[str, Ed25519PublicKey]:
+    def _remember(self, host_id: str, key_id: str, raw: bytes) -> tuple[str, HostKey]:
         if len(self._keys) >= MAX_REMEMBERED_KEYS:
             self._keys.clear()
-        known = (key_id, Ed25519PublicKey.from_public_bytes(raw))
+        known = (key_id, HostKey(raw))
         self._keys[host_id] = known
         return known
 
@@ -296,9 +294,7 @@ class Ingestor:
             batch.append((env, reading))
         return host_id, batch
 
-    def _verify(
-        self, key: Ed25519PublicKey, batch: list[tuple[wire.Envelope, bodies.Reading]]
-    ) -> None:
+    def _verify(self, key: HostKey, batch: list[tuple[wire.Envelope, bodies.Reading]]) -> None:
         bad = _first_bad(key, batch)
         if bad is not None:
             index, env, exc = bad
@@ -434,7 +430,7 @@ class Ingestor:
 
 
 def _first_bad(
-    key: Ed25519PublicKey, batch: list[tuple[wire.Envelope, bodies.Reading]]
+    key: HostKey, batch: list[tuple[wire.Envelope, bodies.Reading]]
 ) -> tuple[int, wire.Envelope, wire.WireError] | None:
     """The first envelope whose signature ``key`` does not verify, and why."""
     for index, (env, _) in enumerate(batch):

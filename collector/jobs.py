@@ -9,6 +9,19 @@ the job claimable again, so delivery is at least once. Handlers are registered b
 A handler returns None when the job is done, or a time to run again (a periodic job); raising
 is a failed attempt, retried with exponential backoff and jitter until ``max_attempts``. A
 ``JobFailed`` says more: not retryable (buried at once), or not before ``retry_after_s``.
+
+Every commit costs a flush to disk and a turn of the database's write lock (SQLite: the one
+the ingest's group commit waits for), so a worker spends few of them:
+
+- a handler that only reads and writes the database (``Registry.register_tx``: an alert opens
+  an incident and queues its deliveries) runs inside the worker's transaction: a batch of jobs
+  is claimed, handled (each in a savepoint, so a failing one is undone alone) and ended in ONE
+  transaction. The host rows its jobs name are locked first, in host id order, as the group
+  commit locks them, so the two never deadlock on PostgreSQL;
+- any other handler (it calls out: a sink, a cloud API) runs outside a transaction; the ends of
+  a batch's attempts are then written together, in one transaction after the batch. A worker
+  killed mid-batch leaves its attempts unrecorded: their lease runs out and they run again
+  (delivery is at least once either way).
 """
 
 from __future__ import annotations
@@ -18,19 +31,23 @@ import random
 import socket
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 
 import structlog
 
 from collector.config import JobConfig
 from collector.errors import JobFailed, StoreError
 from collector.model import Job
-from collector.store import Store
+from collector.store import Store, Tx
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[[Job], datetime | None]
+TxHandler = Callable[[Tx, Job], datetime | None]
+Locks = Callable[[Job], Sequence[str]]  # the host rows a job's handler locks
+_End = Callable[[Tx], object]  # records how an attempt ended, in a transaction
 
 
 def worker_name() -> str:
@@ -42,17 +59,30 @@ class Registry:
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._tx_handlers: dict[str, tuple[TxHandler, Locks]] = {}
 
     def register(self, kind: str, handler: Handler) -> None:
-        if kind in self._handlers:
-            raise ValueError(f"a handler for job kind {kind!r} is already registered")
+        self._refuse_known(kind)
         self._handlers[kind] = handler
 
+    def register_tx(self, kind: str, handler: TxHandler, *, locks: Locks = lambda job: ()) -> None:
+        """A handler that works inside the worker's transaction (the database only, no calls
+        out); ``locks`` names the hosts whose rows it locks."""
+        self._refuse_known(kind)
+        self._tx_handlers[kind] = (handler, locks)
+
+    def _refuse_known(self, kind: str) -> None:
+        if kind in self._handlers or kind in self._tx_handlers:
+            raise ValueError(f"a handler for job kind {kind!r} is already registered")
+
     def kinds(self) -> list[str]:
-        return sorted(self._handlers)
+        return sorted([*self._handlers, *self._tx_handlers])
 
     def __getitem__(self, kind: str) -> Handler:
         return self._handlers[kind]
+
+    def tx_handler(self, kind: str) -> tuple[TxHandler, Locks] | None:
+        return self._tx_handlers.get(kind)
 
 
 def backoff(attempts: int, config: JobConfig) -> float:
@@ -72,8 +102,12 @@ class Worker:
         *,
         name: str | None = None,
         batch: int = 20,
+        yield_to: Callable[[float], object] | None = None,
     ) -> None:
         self.store = store
+        # waits (at most the given seconds) for the process's ingest to catch up: a burst of
+        # reports is answered first, and the jobs it queued are run in the gaps, never starved
+        self.yield_to = yield_to
         self.registry = registry
         self.config = config
         self.name = name or worker_name()
@@ -82,42 +116,61 @@ class Worker:
     def run_once(self) -> int:
         ran = 0
         for kind in self.registry.kinds():
-            for job in self.store.claim(
-                kind, self.name, limit=self.batch, lease_s=self.config.lease_s
-            ):
-                self._run(job)
-                ran += 1
+            if self.yield_to is not None:
+                self.yield_to(self.config.ingest_first_s)
+            in_tx = self.registry.tx_handler(kind)
+            ran += self._run_in_tx(kind, *in_tx) if in_tx else self._run_batch(kind)
         return ran
 
-    def _run(self, job: Job) -> None:
-        handler = self.registry[job.kind]
+    def _run_batch(self, kind: str) -> int:
+        """Claim a batch, run each job's handler, then record every end in one transaction."""
+        claimed = self.store.claim(kind, self.name, limit=self.batch, lease_s=self.config.lease_s)
+        handler = self.registry[kind]
+        ends = [self._attempt(job, partial(handler, job)) for job in claimed]
+        if ends:
+            with self.store.transaction() as tx:
+                for end in ends:
+                    end(tx)
+        return len(claimed)
+
+    def _run_in_tx(self, kind: str, handler: TxHandler, locks: Locks) -> int:
+        """Claim, handle and end a batch in one transaction, each job in a savepoint."""
+        with self.store.transaction() as tx:
+            claimed = tx.claim_jobs(kind, self.name, limit=self.batch, lease_s=self.config.lease_s)
+            tx.lock_hosts(sorted({host for job in claimed for host in locks(job)}))
+            for job in claimed:
+                self._attempt(job, partial(_in_savepoint, tx, handler, job))(tx)
+        return len(claimed)
+
+    def _attempt(self, job: Job, run: Callable[[], datetime | None]) -> _End:
+        """Run one attempt; what records its end (done, again later, retry or dead)."""
         try:
-            again = handler(job)
+            again = run()
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            final = isinstance(exc, JobFailed) and not exc.retryable
-            if final or job.attempts >= self.config.max_attempts:
-                self.store.fail(job.job_id, self.name, error, retry_at=None)
-                log.error("job_dead", job_id=job.job_id, kind=job.kind, error=error)
-                return
-            delay = backoff(job.attempts, self.config)
-            if isinstance(exc, JobFailed) and exc.retry_after_s is not None:
-                delay = max(delay, exc.retry_after_s)
-            retry_at = self.store.clock() + timedelta(seconds=delay)
-            self.store.fail(job.job_id, self.name, error, retry_at=retry_at)
-            log.warning(
-                "job_failed",
-                job_id=job.job_id,
-                kind=job.kind,
-                attempts=job.attempts,
-                retry_in_s=round(delay, 3),
-                error=error,
-            )
-            return
+            return self._failed(job, exc)
         if again is None:
-            self.store.complete(job.job_id, self.name)
-        else:
-            self.store.reschedule(job.job_id, self.name, again)
+            return lambda tx: tx.complete_job(job.job_id, self.name)
+        return lambda tx: tx.reschedule_job(job.job_id, self.name, again)
+
+    def _failed(self, job: Job, exc: Exception) -> _End:
+        error = f"{type(exc).__name__}: {exc}"
+        final = isinstance(exc, JobFailed) and not exc.retryable
+        if final or job.attempts >= self.config.max_attempts:
+            log.error("job_dead", job_id=job.job_id, kind=job.kind, error=error)
+            return lambda tx: tx.fail_job(job.job_id, self.name, error, retry_at=None)
+        delay = backoff(job.attempts, self.config)
+        if isinstance(exc, JobFailed) and exc.retry_after_s is not None:
+            delay = max(delay, exc.retry_after_s)
+        retry_at = self.store.clock() + timedelta(seconds=delay)
+        log.warning(
+            "job_failed",
+            job_id=job.job_id,
+            kind=job.kind,
+            attempts=job.attempts,
+            retry_in_s=round(delay, 3),
+            error=error,
+        )
+        return lambda tx: tx.fail_job(job.job_id, self.name, error, retry_at=retry_at)
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; a database outage is waited out, never fatal."""
@@ -154,3 +207,8 @@ class WorkerThread:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+
+
+def _in_savepoint(tx: Tx, handler: TxHandler, job: Job) -> datetime | None:
+    with tx.savepoint():
+        return handler(tx, job)

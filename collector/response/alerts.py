@@ -32,7 +32,7 @@ from typing import Any, Final, cast
 import structlog
 
 from collector.errors import JobFailed
-from collector.jobs import Handler
+from collector.jobs import Handler, Registry
 from collector.model import Host, HostState, Job, JobSpec
 from collector.response import incidents, ledger, rails
 from collector.response.breakglass import ATTRIBUTED
@@ -47,7 +47,7 @@ from collector.sinks import (
     dedup_key,
 )
 from collector.sinks.alert import Severity
-from collector.store import Store
+from collector.store import Store, Tx
 from collector.store.tx import SqlTx
 
 log = structlog.get_logger(__name__)
@@ -85,19 +85,20 @@ class Alerts:
 
     # --- alert: incidents and fan-out ---------------------------------------------------------
 
-    def handle_alert(self, job: Job) -> datetime | None:
+    def handle_alert(self, tx: Tx, job: Job) -> datetime | None:
+        """Open or resolve the job's incident, in the job worker's transaction."""
+        assert isinstance(tx, SqlTx), "the response needs the SQL store"
         payload = job.payload
         action = payload.get("action")
-        with ledger.transaction(self.store) as tx:
-            if action == "firing":
-                self._fire(tx, payload)
-            elif action == "resolve":
-                self._resolve(tx, sink_key(payload))
-            elif action == "resolve_host":
-                for incident in incidents.firing_incidents(tx, str(payload["host_id"])):
-                    self._resolve(tx, incident.dedup_key)
-            else:
-                raise JobFailed(f"alert action {action!r} is unknown", retryable=False)
+        if action == "firing":
+            self._fire(tx, payload)
+        elif action == "resolve":
+            self._resolve(tx, sink_key(payload))
+        elif action == "resolve_host":
+            for incident in incidents.firing_incidents(tx, str(payload["host_id"])):
+                self._resolve(tx, incident.dedup_key)
+        else:
+            raise JobFailed(f"alert action {action!r} is unknown", retryable=False)
         return None
 
     def _fire(self, tx: SqlTx, payload: Mapping[str, Any]) -> None:
@@ -289,7 +290,22 @@ class Alerts:
         bound.info("alert_delivered", attempt=job.attempts)
 
     def handlers(self) -> dict[str, Handler]:
-        return {"alert": self.handle_alert, DELIVER: self.handle_deliver}
+        return {DELIVER: self.handle_deliver}
+
+    def register(self, registry: Registry) -> None:
+        """``alert`` works in the job worker's transaction (it locks the host it names);
+        ``deliver`` calls the sinks, outside any transaction."""
+        registry.register_tx("alert", self.handle_alert, locks=_alert_locks)
+        for kind, handler in self.handlers().items():
+            registry.register(kind, handler)
+
+
+def _alert_locks(job: Job) -> tuple[str, ...]:
+    """The host row a firing host alert locks (``Alerts._host``)."""
+    payload = job.payload
+    if payload.get("action") == "firing" and payload.get("scope", "host") == "host":
+        return (str(payload["host_id"]),)
+    return ()
 
 
 def summarize(payload: Mapping[str, Any]) -> str:

@@ -11,9 +11,6 @@ from collector.store import Store
 
 def register(registry: Registry, store: Store, config: Config) -> None:
     """Register the ``alert``, ``deliver``, ``replace`` and ``replace_verify`` handlers."""
-    handlers = {
-        **Alerts(store, config.response).handlers(),
-        **Replacer(store, config.response).handlers(),
-    }
-    for kind, handler in handlers.items():
+    Alerts(store, config.response).register(registry)
+    for kind, handler in Replacer(store, config.response).handlers().items():
         registry.register(kind, handler)

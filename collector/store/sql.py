@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import structlog
@@ -29,7 +29,6 @@ from collector.model import (
     Image,
     Job,
     JobSpec,
-    JobState,
     Report,
     Transition,
 )
@@ -344,72 +343,22 @@ class SqlStore:
 
     def claim(self, kind: str, worker: str, *, limit: int, lease_s: float = 60.0) -> list[Job]:
         """Take up to ``limit`` due jobs of ``kind`` (or whose lease ran out) for ``worker``."""
-        j = jobs.c
         with self._transaction() as tx:
-            due = ((j.state == JobState.PENDING.value) & (j.next_attempt_at <= tx.now)) | (
-                (j.state == JobState.RUNNING.value) & (j.lease_until < tx.now)
-            )
-            ids = list(
-                tx.conn.execute(
-                    select(j.id)
-                    .where(j.kind == kind, due)
-                    .order_by(j.next_attempt_at, j.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                ).scalars()
-            )
-            if not ids:
-                return []
-            tx.conn.execute(
-                update(jobs)
-                .where(j.id.in_(ids))
-                .values(
-                    state=JobState.RUNNING.value,
-                    claimed_by=worker,
-                    lease_until=tx.now + timedelta(seconds=lease_s),
-                    attempts=j.attempts + 1,
-                    updated_at=tx.now,
-                )
-            )
-            claimed = tx.conn.execute(select(jobs).where(j.id.in_(ids)).order_by(j.id))
-            return [rows.job(r) for r in claimed]
-
-    def _finish(self, job_id: int, worker: str, **values: Any) -> bool:
-        j = jobs.c
-        with self._transaction() as tx:
-            result = tx.conn.execute(
-                update(jobs)
-                .where(j.id == job_id, j.claimed_by == worker, j.state == JobState.RUNNING.value)
-                .values(updated_at=tx.now, **values)
-            )
-        return bool(result.rowcount)
+            return tx.claim_jobs(kind, worker, limit=limit, lease_s=lease_s)
 
     def complete(self, job_id: int, worker: str) -> bool:
-        return self._finish(job_id, worker, state=JobState.DONE.value, lease_until=None)
+        with self._transaction() as tx:
+            return tx.complete_job(job_id, worker)
 
     def fail(self, job_id: int, worker: str, error: str, *, retry_at: datetime | None) -> bool:
         """Record a failed attempt: pending again at ``retry_at``, or dead when None."""
-        if retry_at is None:
-            return self._finish(job_id, worker, state=JobState.DEAD.value, last_error=error)
-        return self._finish(
-            job_id,
-            worker,
-            state=JobState.PENDING.value,
-            next_attempt_at=retry_at,
-            lease_until=None,
-            last_error=error,
-        )
+        with self._transaction() as tx:
+            return tx.fail_job(job_id, worker, error, retry_at=retry_at)
 
     def reschedule(self, job_id: int, worker: str, run_at: datetime) -> bool:
         """Put a periodic job back to sleep until ``run_at`` (its attempts start again)."""
-        return self._finish(
-            job_id,
-            worker,
-            state=JobState.PENDING.value,
-            next_attempt_at=run_at,
-            lease_until=None,
-            attempts=0,
-        )
+        with self._transaction() as tx:
+            return tx.reschedule_job(job_id, worker, run_at)
 
     def jobs(self, *, kind: str | None = None, state: str | None = None) -> list[Job]:
         query = select(jobs).order_by(jobs.c.id)

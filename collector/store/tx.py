@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -25,6 +26,7 @@ from collector.model import (
     Host,
     HostState,
     Image,
+    Job,
     JobSpec,
     JobState,
     Transition,
@@ -188,6 +190,79 @@ class SqlTx:
         """Insert a job unless one with the same kind and dedup key is still open."""
         # rowcount is not reliable after ON CONFLICT: a returned id says it was inserted
         return self.conn.execute(self._enqueue(), self._job_row(job)).first() is not None
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def claim_jobs(self, kind: str, worker: str, *, limit: int, lease_s: float) -> list[Job]:
+        """Take up to ``limit`` due jobs of ``kind`` (or whose lease ran out) for ``worker``;
+        PostgreSQL skips the rows another transaction has locked (another replica's claim)."""
+        j = jobs.c
+        due = ((j.state == JobState.PENDING.value) & (j.next_attempt_at <= self.now)) | (
+            (j.state == JobState.RUNNING.value) & (j.lease_until < self.now)
+        )
+        ids = list(
+            self.conn.execute(
+                select(j.id)
+                .where(j.kind == kind, due)
+                .order_by(j.next_attempt_at, j.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).scalars()
+        )
+        if not ids:
+            return []
+        self.conn.execute(
+            update(jobs)
+            .where(j.id.in_(ids))
+            .values(
+                state=JobState.RUNNING.value,
+                claimed_by=worker,
+                lease_until=self.now + timedelta(seconds=lease_s),
+                attempts=j.attempts + 1,
+                updated_at=self.now,
+            )
+        )
+        claimed = self.conn.execute(select(jobs).where(j.id.in_(ids)).order_by(j.id))
+        return [rows.job(r) for r in claimed]
+
+    def complete_job(self, job_id: int, worker: str) -> bool:
+        return self._finish_job(job_id, worker, state=JobState.DONE.value, lease_until=None)
+
+    def fail_job(self, job_id: int, worker: str, error: str, *, retry_at: datetime | None) -> bool:
+        """Record a failed attempt: pending again at ``retry_at``, or dead when None."""
+        if retry_at is None:
+            return self._finish_job(job_id, worker, state=JobState.DEAD.value, last_error=error)
+        return self._pending_again(job_id, worker, retry_at, last_error=error)
+
+    def reschedule_job(self, job_id: int, worker: str, run_at: datetime) -> bool:
+        """Put a periodic job back to sleep until ``run_at`` (its attempts start again)."""
+        return self._pending_again(job_id, worker, run_at, attempts=0)
+
+    def _pending_again(self, job_id: int, worker: str, at: datetime, **values: Any) -> bool:
+        return self._finish_job(
+            job_id,
+            worker,
+            state=JobState.PENDING.value,
+            next_attempt_at=at,
+            lease_until=None,
+            **values,
+        )
+
+    def _finish_job(self, job_id: int, worker: str, **values: Any) -> bool:
+        """End the attempt ``worker`` holds; False if the job is no longer its own (its lease
+        ran out and another worker took it)."""
+        j = jobs.c
+        result = self.conn.execute(
+            update(jobs)
+            .where(j.id == job_id, j.claimed_by == worker, j.state == JobState.RUNNING.value)
+            .values(updated_at=self.now, **values)
+        )
+        return bool(result.rowcount)
+
+    def savepoint(self) -> AbstractContextManager[object]:
+        """A nested transaction: what is done inside it is undone if it raises, and the
+        enclosing transaction goes on."""
+        return self.conn.begin_nested()
 
     def _enqueue(self) -> Any:
         """The job insert (a duplicate open job is skipped), for one row or executed many."""

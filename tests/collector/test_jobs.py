@@ -7,13 +7,14 @@ import threading
 from datetime import datetime, timedelta
 
 import pytest
+from sqlalchemy import event
 from structlog.testing import capture_logs
 
 from collector import silence
 from collector.config import JobConfig, VerdictConfig
 from collector.jobs import Registry, Worker, WorkerThread, backoff
 from collector.model import HostState, Job, JobSpec, JobState
-from collector.store import SqlStore
+from collector.store import SqlStore, Tx
 from tests.collector.clock import T0, Clock
 from tests.collector.hosts import add_host
 
@@ -97,6 +98,77 @@ def test_worker_thread_stops_in_order(store: SqlStore) -> None:
     assert ran.wait(10)
     thread.stop()
     assert store.jobs()[0].state is JobState.DONE
+
+
+def _commits(store: SqlStore) -> list[int]:
+    """Counts the store's commits from now on."""
+    count = [0]
+
+    def commit(conn: object) -> None:
+        count[0] += 1
+
+    event.listen(store.engine, "commit", commit)
+    return count
+
+
+def test_a_transactional_batch_commits_once_and_undoes_only_the_failing_job(
+    store: SqlStore, clock: Clock
+) -> None:
+    for n in range(3):
+        add_host(store, f"h{n}")
+    locked: list[str] = []
+
+    def locks(job: Job) -> list[str]:
+        locked.append(job.dedup_key)
+        return [str(job.payload["host_id"])]
+
+    def mark(tx: Tx, job: Job) -> None:
+        tx.update_host(str(job.payload["host_id"]), {"hostname": f"marked-{job.dedup_key}"})
+        if job.payload.get("fail"):
+            raise ConnectionError("half done")
+
+    registry = Registry()
+    registry.register_tx("mark", mark, locks=locks)
+    for n in range(3):
+        store.enqueue(JobSpec("mark", f"m{n}", {"host_id": f"h{n}", "fail": n == 1}))
+    commits = _commits(store)
+    with capture_logs() as logs:
+        assert Worker(store, registry, JobConfig(), name="w1").run_once() == 3
+    assert commits[0] == 1  # claimed, handled and ended in one transaction
+    assert [h.hostname for h in (store.host(f"h{n}") for n in range(3))] == [  # type: ignore[union-attr]
+        "marked-m0",
+        "h1",  # undone
+        "marked-m2",
+    ]
+    assert {j.dedup_key: j.state for j in store.jobs()} == {
+        "m0": JobState.DONE,
+        "m1": JobState.PENDING,
+        "m2": JobState.DONE,
+    }
+    assert [e["error"] for e in logs if e["event"] == "job_failed"] == [
+        "ConnectionError: half done"
+    ]
+    assert sorted(locked) == ["m0", "m1", "m2"]  # every job's host, locked up front
+
+
+def test_a_batch_of_calls_out_records_its_ends_in_one_transaction(
+    store: SqlStore, clock: Clock
+) -> None:
+    registry = Registry()
+    registry.register("call", lambda job: None)
+    for n in range(5):
+        store.enqueue(JobSpec("call", f"c{n}", {}))
+    commits = _commits(store)
+    assert Worker(store, registry, JobConfig(), name="w1").run_once() == 5
+    assert commits[0] == 2  # the claim, then the five ends together
+    assert {j.state for j in store.jobs()} == {JobState.DONE}
+
+
+def test_a_transactional_handler_shares_its_kind_with_no_other(store: SqlStore) -> None:
+    registry = Registry()
+    registry.register("alert", lambda job: None)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_tx("alert", lambda tx, job: None)
 
 
 # --- the silence sweep -------------------------------------------------------------------
