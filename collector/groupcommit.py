@@ -83,6 +83,7 @@ class GroupCommitter:
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._drain_due = False  # loop mode: a drain is scheduled or waits for its turn
+        self._writing = 0  # groups being written (their units are no longer in _waiting)
         self._closed = False
         self._turns: queue.SimpleQueue[object] = queue.SimpleQueue()  # loop mode: turns wanted
         self._turn_held = False  # loop mode: the waiter holds a turn for the loop
@@ -124,7 +125,12 @@ class GroupCommitter:
             return self._wake.wait_for(self._idle, timeout_s)
 
     def _idle(self) -> bool:
-        return not self._waiting and not self._drain_due
+        return not self._waiting and not self._drain_due and not self._writing
+
+    def _notify_if_idle(self) -> None:
+        """Wake ``wait_idle`` callers if nothing waits (holding ``_wake``)."""
+        if self._idle():
+            self._wake.notify_all()
 
     def run(self, apply: Callable[[Tx], T], *, locks: Sequence[str] = ()) -> T:
         """``submit`` and wait for the answer (for callers that are threads themselves)."""
@@ -154,12 +160,21 @@ class GroupCommitter:
         while group := self._next_group():
             for unit in group:
                 _settle(unit, _Failed(error))
+            self._done()
 
     # --- the writer --------------------------------------------------------------------------
 
     def _next_group(self) -> list[_Unit[Any]]:
+        """Units to write now; a group taken counts as being written until ``_done``."""
         with self._wake:
-            return [self._waiting.popleft() for _ in range(self._group_size())]
+            group = [self._waiting.popleft() for _ in range(self._group_size())]
+            self._writing += bool(group)
+            return group
+
+    def _done(self) -> None:
+        with self._wake:
+            self._writing -= 1
+            self._notify_if_idle()
 
     def _drain(self) -> None:
         """Loop mode: write the waiting group. The loop never waits for the writer's turn
@@ -169,7 +184,7 @@ class GroupCommitter:
         with self._wake:
             self._drain_due = False
             if not self._waiting:
-                self._wake.notify_all()  # idle: a job worker may go
+                self._notify_if_idle()
                 return
             self._drain_due = True  # until the turn is ours
         try:
@@ -223,8 +238,7 @@ class GroupCommitter:
                 with self._wake:
                     self._drain_due = bool(self._waiting) and not self._closed
                     again = self._drain_due
-                    if self._idle():
-                        self._wake.notify_all()
+                    self._notify_if_idle()
                 if again:
                     self._loop.call_soon(self._drain)
 
@@ -236,9 +250,6 @@ class GroupCommitter:
                 if not self._waiting:
                     return
             self._write(self._next_group())
-            with self._wake:
-                if self._idle():
-                    self._wake.notify_all()
 
     def _write(self, group: list[_Unit[Any]], *, locked: bool = False) -> None:
         try:
@@ -248,6 +259,8 @@ class GroupCommitter:
             for unit in group:
                 if not unit.future.done():
                     unit.future.set_exception(exc)
+        finally:
+            self._done()
 
     def _group_size(self) -> int:
         return min(len(self._waiting), self.max_group)

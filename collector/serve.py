@@ -3,9 +3,14 @@
 The collector's Python runs on one core at a time per process, so a machine with several cores
 serves ingest with several processes. The parent binds the listening socket, brings the
 database schema up to date, then forks its workers; each opens its own store, runs its own
-group commit writer and job worker, and accepts connections from the shared socket (the kernel
-hands each connection to one of them). Nothing is shared in memory: everything the workers
-agree on lives in the database, as it does between replicas on PostgreSQL —
+group commit writer, and accepts connections from the shared socket (the kernel hands each
+connection to one of them). With ``[server] workers``, one more process runs the job worker
+(alerts, replacements, the silence sweep), at a lower CPU priority (``JOBS_NICE``): what an
+agent waits on goes first, and the jobs a burst of drift queues run in the gaps. A job worker
+thread inside a serving process would share its interpreter lock with the event loop, which
+then waits for it at every call that lets the lock go (a signature check, a database step).
+Nothing is shared in memory: everything the processes agree on lives in the database, as it
+does between replicas on PostgreSQL —
 
 - SQLite: one write transaction at a time across the processes (``SqliteStore``'s lock file,
   then ``BEGIN IMMEDIATE``), so a job is claimed by one worker and a host's batch is checked
@@ -26,19 +31,27 @@ import os
 import signal
 import socket
 import sys
+import threading
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Final
 
 import structlog
 import uvicorn
 
+from collector import silence
 from collector.api import create_app
 from collector.config import Config
 from collector.errors import EXIT_ERROR, EXIT_OK
+from collector.handlers import default_registry
+from collector.jobs import Worker
 from collector.store import open_store
 
 log = structlog.get_logger(__name__)
 
 GRACEFUL_S: Final = 10
+JOBS_NICE: Final = 10  # the job process's niceness: about a tenth of a core's share under load
+JOBS: Final = -1  # the job process's number among the workers
 _STOP_SIGNALS: Final = {signal.SIGTERM, signal.SIGINT}
 _WATCHED: Final = {*_STOP_SIGNALS, signal.SIGCHLD}
 _PR_SET_PDEATHSIG: Final = 1
@@ -55,10 +68,13 @@ def run(config: Config) -> int:
     listener = _bind(host, port)
     log.info("collector_processes", processes=processes, listen=config.server.listen)
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
-    workers: dict[int, int] = {}  # pid -> worker number
+    workers: dict[int, int] = {}  # pid -> worker number (JOBS: the job process)
+    serving = config.replace(server=replace(config.server, workers=False))
     try:
         for number in range(processes):
-            workers[_fork(config, listener, number, previous)] = number
+            workers[_fork(lambda: _serve(serving, sockets=[listener]), number, previous)] = number
+        if config.server.workers:
+            workers[_fork(lambda: _work(config), JOBS, previous)] = JOBS
         listener.close()
         return _supervise(workers)
     finally:
@@ -98,7 +114,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return listener
 
 
-def _fork(config: Config, listener: socket.socket, number: int, mask: set[Any]) -> int:
+def _work(config: Config) -> None:
+    """The job process: the job worker until SIGTERM or SIGINT, at a lower CPU priority."""
+    os.nice(JOBS_NICE)
+    stop = threading.Event()
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, lambda *_: stop.set())
+    store = open_store(config.database.url, pool_size=2, migrate=False)
+    try:
+        silence.schedule(store)
+        Worker(store, default_registry(store, config), config.jobs).run(stop)
+    finally:
+        store.close()
+
+
+def _fork(body: Callable[[], None], number: int, mask: set[Any]) -> int:
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -107,15 +137,19 @@ def _fork(config: Config, listener: socket.socket, number: int, mask: set[Any]) 
     try:
         _die_with(parent)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        structlog.contextvars.bind_contextvars(worker=number)
-        _serve(config, sockets=[listener])
+        structlog.contextvars.bind_contextvars(worker=_label(number))
+        body()
         status = EXIT_OK
     except BaseException:
-        log.exception("collector_worker_failed", worker=number)
+        log.exception("collector_worker_failed", worker=_label(number))
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+def _label(number: int) -> int | str:
+    return "jobs" if number == JOBS else number
 
 
 def _die_with(parent: int) -> None:
@@ -137,7 +171,7 @@ def _supervise(workers: dict[int, int]) -> int:
         for pid, status in _reap(workers):
             log.error(
                 "collector_worker_exited",
-                worker=workers.pop(pid),
+                worker=_label(workers.pop(pid)),
                 pid=pid,
                 status=os.waitstatus_to_exitcode(status),
             )

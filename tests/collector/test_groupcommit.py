@@ -354,3 +354,23 @@ def test_on_the_loop_close_refuses_what_waits_on_a_lock_held_elsewhere_and_leaks
     finally:
         releaser.cancel()
         os.close(other)
+
+
+def test_wait_idle_says_whether_reports_wait_to_be_written(sqlite_store: SqlStore) -> None:
+    """What a job worker asks before each batch: False while a unit waits for the write lock
+    (held here by another process), True once it is written."""
+    lock_path = sqlite_store.engine.url.database + "-writer"  # type: ignore[operator]
+    other = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    committer = GroupCommitter(sqlite_store)
+    try:
+        assert committer.wait_idle(0)  # nothing submitted
+        fcntl.flock(other, fcntl.LOCK_EX)
+        future = committer.submit(insert("idle-1"))
+        assert not committer.wait_idle(0.2)
+        assert not future.done()
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert committer.wait_idle(WAIT_S)
+        assert future.result(WAIT_S) == "idle-1"
+    finally:
+        committer.close()
+        os.close(other)

@@ -1,6 +1,7 @@
-"""One collector serving with two worker processes on one SQLite file (``[server] processes``):
-reports sent twice at once are stored once, the silence sweep and the jobs run once, and
-``kill -9`` of the collector takes its workers with it."""
+"""One collector serving with two worker processes on one SQLite file (``[server] processes``)
+and a job process beside them: reports sent twice at once are stored once, the silence sweep
+and the jobs run once (in the job process, at a lower CPU priority), and ``kill -9`` of the
+collector takes its workers with it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import requests
 
 from collector import auth
 from collector.model import HostState
+from collector.serve import JOBS_NICE
 from collector.store import SqlStore
 from tests.collector.hosts import SimHost, file_drift
 from tests.collector.servers import CONFIG, Server, send_at_once
@@ -40,7 +42,9 @@ def test_two_processes_store_each_report_once_and_sweep_once(
     token, _ = auth.create_enroll_token(store)
     url = f"sqlite:///{tmp_path / 'collector.db'}"
     with Server(url, tmp_path, config=CONFIG + FAST, processes=2) as server:
-        assert len(server.workers()) == 2
+        workers = server.workers()
+        assert sorted(w.nice() for w in workers) == [0, 0, JOBS_NICE]
+        jobs_pid = next(w.pid for w in workers if w.nice() == JOBS_NICE)
         drifting = [SimHost(f"proc-d{n}") for n in range(4)]
         quiet = [SimHost(f"proc-q{n}") for n in range(4)]
         for host in drifting + quiet:
@@ -78,6 +82,8 @@ def test_two_processes_store_each_report_once_and_sweep_once(
     for host in quiet:
         moves = Counter(t.to_state for t in store.transitions(host.host_id))
         assert moves[HostState.SILENT] == 1, moves
+    claimers = {j.claimed_by for j in store.jobs() if j.claimed_by}
+    assert claimers and {int(c.split(":")[1]) for c in claimers} == {jobs_pid}
     alerts = Counter(j.dedup_key for j in store.jobs(kind="alert"))
     assert alerts == {
         **{f"firing:proc-d{n}:drift": 1 for n in range(4)},
@@ -89,13 +95,13 @@ def test_the_workers_die_with_the_collector(sqlite_store: SqlStore, tmp_path: Pa
     url = f"sqlite:///{tmp_path / 'collector.db'}"
     server = Server(url, tmp_path, processes=2).start()
     workers = server.workers()
-    assert len(workers) == 2
+    assert len(workers) == 3  # two serving, one running jobs
     server.kill()  # SIGKILL of the parent: the kernel kills the workers too
     assert not any(w.is_running() for w in workers)
     server.start()  # on the same port and database: nothing of the old one holds them
     try:
         assert requests.get(server.url + "/readyz", timeout=5).status_code == 200
-        assert len(server.workers()) == 2
+        assert len(server.workers()) == 3
     finally:
         server.stop()
 
@@ -107,7 +113,7 @@ def test_stopping_the_collector_stops_its_workers(sqlite_store: SqlStore, tmp_pa
     server.stop()  # SIGTERM: each worker drains and exits, then the parent exits 0
     assert server.proc is not None and server.proc.returncode == 0
     gone, alive = psutil.wait_procs(workers, timeout=10)
-    assert not alive and len(gone) == 2
+    assert not alive and len(gone) == 3
 
 
 def _state(store: SqlStore, host_id: str) -> HostState | None:
