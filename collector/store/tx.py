@@ -61,10 +61,11 @@ _UPDATE_TIP = (
     .values(last_seq=bindparam("b_seq"), last_digest=bindparam("b_digest"))
 )
 
-# A group's host rows and chain tips are written back whole, as upserts executed many: with
-# RETURNING, SQLAlchemy sends them as one multi-row INSERT ... ON CONFLICT DO UPDATE per
-# thousand rows ("insertmanyvalues") instead of one UPDATE per host. Built once per dialect and
-# set of changed columns.
+# A group's chain tips are written back whole, as upserts executed many: with RETURNING,
+# SQLAlchemy sends them as one multi-row INSERT ... ON CONFLICT DO UPDATE per thousand rows
+# ("insertmanyvalues") instead of one UPDATE per tip (a tip row is four columns). Host rows are
+# two dozen columns of which a report changes a few: they get an UPDATE of those, executed
+# many. Built once per dialect and set of changed columns.
 _UPSERTS: dict[tuple[str, str, tuple[str, ...]], Any] = {}
 
 
@@ -525,22 +526,12 @@ class GroupTx(SqlTx):
             self._jobs.clear()
 
     def _flush_hosts(self) -> None:
-        """Hosts read up front are written back whole (an upsert of their rows as they now
-        are); any other host by an UPDATE per shape of change."""
-        whole: list[dict[str, Any]] = []
-        changed: set[str] = set()
+        """One UPDATE executed many per shape of change, of the changed columns only (a
+        heartbeat changes a few of a host row's two dozen)."""
         by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for host_id, values in self._host_updates.items():
-            if host_id in self._hosts:
-                whole.append(self._hosts[host_id])
-                changed.update(values)
-            else:
-                key = tuple(sorted(values))
-                by_columns.setdefault(key, []).append({"b_host": host_id, **values})
-        if whole:
-            dialect = self.conn.dialect.name
-            statement = _upsert(self._insert, dialect, hosts, tuple(sorted(changed)))
-            self.conn.execute(statement, whole).all()
+            key = tuple(sorted(values))
+            by_columns.setdefault(key, []).append({"b_host": host_id, **values})
         for batch in by_columns.values():
             self.conn.execute(_UPDATE_HOST, batch)
         self._host_updates.clear()
