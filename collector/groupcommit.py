@@ -125,7 +125,7 @@ class GroupCommitter:
             return self._wake.wait_for(self._idle, timeout_s)
 
     def _idle(self) -> bool:
-        return not self._waiting and not self._drain_due and not self._writing
+        return self._closed or not (self._waiting or self._drain_due or self._writing)
 
     def _notify_if_idle(self) -> None:
         """Wake ``wait_idle`` callers if nothing waits (holding ``_wake``)."""
@@ -139,7 +139,7 @@ class GroupCommitter:
     def close(self, timeout_s: float = 30.0) -> None:
         with self._wake:
             self._closed = True
-            self._wake.notify()
+            self._wake.notify_all()  # the writer thread, and ``wait_idle`` callers
             thread = self._thread
         if thread is not None:
             thread.join(timeout_s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from nacl.bindings import crypto_sign_open, crypto_sign_PUBLICKEYBYTES
+from nacl.bindings import crypto_sign_BYTES, crypto_sign_open, crypto_sign_PUBLICKEYBYTES
 from nacl.exceptions import BadSignatureError, CryptoError
 
 SIZE: Final = crypto_sign_PUBLICKEYBYTES
@@ -29,6 +29,8 @@ class HostKey:
 
     def verify(self, signature: bytes, data: bytes, /) -> None:
         """Return if ``signature`` is this key's over ``data``; raise ``BadSignatureError``."""
+        if len(signature) != crypto_sign_BYTES:  # else bytes could move between the two
+            raise BadSignatureError(f"an Ed25519 signature is {crypto_sign_BYTES} bytes")
         try:
             crypto_sign_open(signature + data, self._raw)
         except CryptoError as exc:  # a malformed signature or key is a bad signature too

@@ -14,14 +14,15 @@ Every commit costs a flush to disk and a turn of the database's write lock (SQLi
 the ingest's group commit waits for), so a worker spends few of them:
 
 - a handler that only reads and writes the database (``Registry.register_tx``: an alert opens
-  an incident and queues its deliveries) runs inside the worker's transaction: a batch of jobs
-  is claimed, handled (each in a savepoint, so a failing one is undone alone) and ended in ONE
-  transaction. The host rows its jobs name are locked first, in host id order, as the group
-  commit locks them, so the two never deadlock on PostgreSQL;
+  an incident and queues its deliveries) runs inside the worker's transaction: a claimed batch
+  is handled (each job in a savepoint, so a failing one is undone alone) and ended in ONE
+  transaction. The claim commits first, so the batch holds no uncommitted job rows while it
+  waits for host rows; the host rows its jobs name are then locked in host id order, as the
+  group commit locks them. They stay locked until the batch commits (at most ``batch`` jobs);
 - any other handler (it calls out: a sink, a cloud API) runs outside a transaction; the ends of
-  a batch's attempts are then written together, in one transaction after the batch. A worker
-  killed mid-batch leaves its attempts unrecorded: their lease runs out and they run again
-  (delivery is at least once either way).
+  a batch's attempts are written together in one transaction after the batch, or sooner when
+  half the lease has gone by or the worker is stopping. A worker killed mid-batch leaves its
+  unrecorded attempts to run out their lease and run again (delivery is at least once).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import random
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -47,7 +49,7 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[Job], datetime | None]
 TxHandler = Callable[[Tx, Job], datetime | None]
 Locks = Callable[[Job], Sequence[str]]  # the host rows a job's handler locks
-_End = Callable[[Tx], object]  # records how an attempt ended, in a transaction
+_End = Callable[[Tx], bool]  # records how an attempt ended, in a transaction (False: not ours)
 
 
 def worker_name() -> str:
@@ -112,10 +114,15 @@ class Worker:
         self.config = config
         self.name = name or worker_name()
         self.batch = batch
+        self._stop = threading.Event()
 
-    def run_once(self) -> int:
+    def run_once(self, stop: threading.Event | None = None) -> int:
+        """One pass over every kind; ``stop`` ends it early (between jobs)."""
+        self._stop = stop or threading.Event()
         ran = 0
         for kind in self.registry.kinds():
+            if self._stop.is_set():
+                break
             if self.yield_to is not None:
                 self.yield_to(self.config.ingest_first_s)
             in_tx = self.registry.tx_handler(kind)
@@ -123,23 +130,58 @@ class Worker:
         return ran
 
     def _run_batch(self, kind: str) -> int:
-        """Claim a batch, run each job's handler, then record every end in one transaction."""
-        claimed = self.store.claim(kind, self.name, limit=self.batch, lease_s=self.config.lease_s)
+        """Claim a batch and run each job's handler; the ends are recorded together, in one
+        transaction, once the batch is done, or earlier when half the lease has gone by (slow
+        handlers: the jobs must not be taken by another worker as abandoned) or the worker is
+        asked to stop (then the rest of the batch is left to run out its lease)."""
+        lease_s = self.config.lease_s
+        claimed = self.store.claim(kind, self.name, limit=self.batch, lease_s=lease_s)
         handler = self.registry[kind]
-        ends = [self._attempt(job, partial(handler, job)) for job in claimed]
-        if ends:
-            with self.store.transaction() as tx:
-                for end in ends:
-                    end(tx)
+        ends: list[tuple[Job, _End]] = []
+        started = time.monotonic()
+        for job in claimed:
+            ends.append((job, self._attempt(job, partial(handler, job))))
+            if self._stop.is_set() or time.monotonic() - started > lease_s / 2:
+                self._record(ends)
+                started = time.monotonic()
+                if self._stop.is_set():
+                    break
+        self._record(ends)
         return len(claimed)
 
-    def _run_in_tx(self, kind: str, handler: TxHandler, locks: Locks) -> int:
-        """Claim, handle and end a batch in one transaction, each job in a savepoint."""
+    def _record(self, ends: list[tuple[Job, _End]]) -> None:
+        if not ends:
+            return
         with self.store.transaction() as tx:
-            claimed = tx.claim_jobs(kind, self.name, limit=self.batch, lease_s=self.config.lease_s)
-            tx.lock_hosts(sorted({host for job in claimed for host in locks(job)}))
+            for job, end in ends:
+                if not end(tx):  # its lease ran out and another worker took it
+                    log.warning("job_end_lost", job_id=job.job_id, kind=job.kind)
+        ends.clear()
+
+    def _run_in_tx(self, kind: str, handler: TxHandler, locks: Locks) -> int:
+        """Claim a batch (committed at once, as for any kind), then handle and end it in one
+        transaction, each job in a savepoint, its hosts' rows locked first in host id order.
+        The claim commits first so that the batch holds no uncommitted job rows while it waits
+        for host rows (a group commit holding those may be inserting jobs)."""
+        lease_s = self.config.lease_s
+        claimed = self.store.claim(kind, self.name, limit=self.batch, lease_s=lease_s)
+        if not claimed:
+            return 0
+        ends: dict[int, _End] = {}
+        hosts: set[str] = set()
+        for job in claimed:
+            try:
+                hosts.update(locks(job))
+            except Exception as exc:  # a malformed payload fails its own job only
+                ends[job.job_id] = self._failed(job, exc)
+        with self.store.transaction() as tx:
+            tx.lock_hosts(sorted(hosts))
             for job in claimed:
-                self._attempt(job, partial(_in_savepoint, tx, handler, job))(tx)
+                end = ends.get(job.job_id) or self._attempt(
+                    job, partial(_in_savepoint, tx, handler, job)
+                )
+                if not end(tx):
+                    log.warning("job_end_lost", job_id=job.job_id, kind=job.kind)
         return len(claimed)
 
     def _attempt(self, job: Job, run: Callable[[], datetime | None]) -> _End:
@@ -173,13 +215,17 @@ class Worker:
         return lambda tx: tx.fail_job(job.job_id, self.name, error, retry_at=retry_at)
 
     def run(self, stop: threading.Event) -> None:
-        """Work until ``stop`` is set; a database outage is waited out, never fatal."""
+        """Work until ``stop`` is set; a database outage, or a bug a job runs into outside its
+        handler, is logged and waited out, never fatal."""
         log.info("job_worker_started", worker=self.name, kinds=self.registry.kinds())
         while not stop.is_set():
             try:
-                ran = self.run_once()
+                ran = self.run_once(stop)
             except StoreError as exc:
                 log.warning("job_worker_store_error", worker=self.name, error=str(exc))
+                ran = 0
+            except Exception:
+                log.exception("job_worker_error", worker=self.name)
                 ran = 0
             if not ran:
                 stop.wait(self.config.poll_interval_s)
@@ -200,7 +246,7 @@ class WorkerThread:
         self._thread.start()
 
     def signal_stop(self) -> None:
-        """Ask the worker to stop after its current job (``stop`` waits for it)."""
+        """Ask the worker to stop after the job it is running (``stop`` waits for it)."""
         self._stop.set()
 
     def stop(self, timeout_s: float = 30.0) -> None:

@@ -31,7 +31,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Final
@@ -44,7 +43,7 @@ from collector.api import create_app
 from collector.config import Config
 from collector.errors import EXIT_ERROR, EXIT_OK
 from collector.handlers import default_registry
-from collector.jobs import Worker
+from collector.jobs import Worker, WorkerThread
 from collector.store import open_store
 
 log = structlog.get_logger(__name__)
@@ -83,7 +82,9 @@ def run(config: Config) -> int:
 
 
 def _serve(config: Config, *, sockets: list[socket.socket] | None) -> None:
-    """One process's server: its own store, application, writer and job worker."""
+    """One process's server: its own store, application and writer, and a job worker thread
+    when ``[server] workers`` (serving alone; with several processes the job process runs
+    it, and the workers are served with ``workers = false``)."""
     store = open_store(
         config.database.url, pool_size=config.database.pool_size, migrate=sockets is None
     )
@@ -115,15 +116,17 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _work(config: Config) -> None:
-    """The job process: the job worker until SIGTERM or SIGINT, at a lower CPU priority."""
+    """The job process: the job worker (a thread) until SIGTERM or SIGINT, which this thread
+    waits for, at a lower CPU priority."""
     os.nice(JOBS_NICE)
-    stop = threading.Event()
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, lambda *_: stop.set())
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # the worker thread inherits it
     store = open_store(config.database.url, pool_size=2, migrate=False)
     try:
         silence.schedule(store)
-        Worker(store, default_registry(store, config), config.jobs).run(stop)
+        worker = WorkerThread(Worker(store, default_registry(store, config), config.jobs))
+        worker.start()
+        signal.sigwait(_STOP_SIGNALS)
+        worker.stop()  # after the job it is running; the parent waits GRACEFUL_S + 20 s
     finally:
         store.close()
 

@@ -134,7 +134,7 @@ def test_a_transactional_batch_commits_once_and_undoes_only_the_failing_job(
     commits = _commits(store)
     with capture_logs() as logs:
         assert Worker(store, registry, JobConfig(), name="w1").run_once() == 3
-    assert commits[0] == 1  # claimed, handled and ended in one transaction
+    assert commits[0] == 2  # the claim, then the whole batch handled and ended together
     assert [h.hostname for h in (store.host(f"h{n}") for n in range(3))] == [  # type: ignore[union-attr]
         "marked-m0",
         "h1",  # undone
@@ -162,6 +162,44 @@ def test_a_batch_of_calls_out_records_its_ends_in_one_transaction(
     assert Worker(store, registry, JobConfig(), name="w1").run_once() == 5
     assert commits[0] == 2  # the claim, then the five ends together
     assert {j.state for j in store.jobs()} == {JobState.DONE}
+
+
+def test_a_job_whose_locks_cannot_be_read_fails_alone(store: SqlStore, clock: Clock) -> None:
+    add_host(store, "h0")
+    registry = Registry()
+    registry.register_tx(
+        "mark", lambda tx, job: None, locks=lambda job: [str(job.payload["host_id"])]
+    )
+    store.enqueue(JobSpec("mark", "good", {"host_id": "h0"}))
+    store.enqueue(JobSpec("mark", "bad", {}))  # no host_id: its locks raise KeyError
+    with capture_logs() as logs:
+        assert Worker(store, registry, JobConfig(), name="w1").run_once() == 2
+    assert {j.dedup_key: j.state for j in store.jobs()} == {
+        "good": JobState.DONE,
+        "bad": JobState.PENDING,  # retried later, buried after max_attempts
+    }
+    [failed] = [e for e in logs if e["event"] == "job_failed"]
+    assert failed["error"] == "KeyError: 'host_id'" and failed["attempts"] == 1
+
+
+def test_a_stopping_worker_records_what_it_ran_and_leaves_the_rest(
+    store: SqlStore, clock: Clock
+) -> None:
+    stop = threading.Event()
+    ran: list[str] = []
+
+    def deliver(job: Job) -> None:
+        ran.append(job.dedup_key)
+        if len(ran) == 2:
+            stop.set()
+
+    registry = Registry()
+    registry.register("call", deliver)
+    for n in range(5):
+        store.enqueue(JobSpec("call", f"c{n}", {}))
+    Worker(store, registry, JobConfig(), name="w1").run_once(stop)
+    assert ran == ["c0", "c1"]
+    assert [j.state for j in store.jobs()] == [JobState.DONE] * 2 + [JobState.RUNNING] * 3
 
 
 def test_a_transactional_handler_shares_its_kind_with_no_other(store: SqlStore) -> None:
