@@ -236,16 +236,62 @@ def _hash_stable(full: str, st: os.stat_result, fd: int | None = None) -> str | 
     if fd is None:
         fd = _open(full)
     try:
-        if st.st_size <= _INLINE_BYTES:
-            data = os.read(fd, st.st_size + 1)
-            count = len(data)
-            digest = hashlib.sha256(data).hexdigest()
-        else:
-            digest, count = _read_hash(fd, None)
+        digest, count = _read_small(fd, st.st_size)
         after = os.fstat(fd)
     finally:
         os.close(fd)
-    same = (
+    return digest if _unchanged(st, after, count) else None
+
+
+def file_fields(path: str, st: os.stat_result, fd: int) -> Fields | None:
+    """The fields of the regular file that ``lstat`` showed as ``st``, its content and xattrs
+    read through ``fd`` (opened by ``open_ahead``; closed here): one look, all through the
+    open file. None when it was not that look's file throughout or an error came up:
+    ``measure_fields`` then measures it the careful way (again, and with a state)."""
+    try:
+        try:
+            digest, count = _read_small(fd, st.st_size)
+            after = os.fstat(fd)
+            xattrs = _xattrs(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if not _unchanged(st, after, count):
+        return None
+    return (
+        path,
+        "file",
+        stat.S_IMODE(st.st_mode),
+        st.st_uid,
+        st.st_gid,
+        st.st_size,
+        digest,
+        None,
+        None,
+        xattrs,
+        0,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+        st.st_nlink,
+        "ok",
+    )
+
+
+def _read_small(fd: int, size: int) -> tuple[str, int]:
+    """(digest, bytes read) of the open file ``fd`` that ``lstat`` said has ``size`` bytes:
+    a small one in one read (one byte more, to see it grew), a larger one in chunks."""
+    if size > _INLINE_BYTES:
+        return _read_hash(fd, None)
+    data = os.read(fd, size + 1)
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _unchanged(st: os.stat_result, after: os.stat_result, count: int) -> bool:
+    """Whether ``count`` bytes read, and ``fstat`` after the read, show the file ``st``
+    described: the same inode, size, mtime and ctime, still a regular file."""
+    return (
         count == st.st_size
         and after.st_ino == st.st_ino
         and after.st_dev == st.st_dev
@@ -254,7 +300,6 @@ def _hash_stable(full: str, st: os.stat_result, fd: int | None = None) -> str | 
         and after.st_ctime_ns == st.st_ctime_ns
         and stat.S_ISREG(after.st_mode)
     )
-    return digest if same else None
 
 
 _buffers = threading.local()
@@ -277,9 +322,12 @@ def _read_hash(fd: int, limit: int | None) -> tuple[str, int]:
     return hasher.hexdigest(), count
 
 
-def _xattrs(full: str) -> tuple[tuple[str, bytes], ...]:
+def _xattrs(target: str | int) -> tuple[tuple[str, bytes], ...]:
+    """The extended attributes of the path ``target`` (never following a symlink) or of the
+    open file ``target``, sorted by name."""
+    nofollow = isinstance(target, str)  # an open file has nothing to follow
     try:
-        names = os.listxattr(full, follow_symlinks=False)
+        names = os.listxattr(target, follow_symlinks=False) if nofollow else os.listxattr(target)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.ENODATA):
             return ()
@@ -289,7 +337,7 @@ def _xattrs(full: str) -> tuple[tuple[str, bytes], ...]:
     out = []
     for name in sorted(names, key=lambda n: n.encode("utf-8", "surrogateescape")):
         try:
-            out.append((name, os.getxattr(full, name, follow_symlinks=False)))
+            out.append((name, os.getxattr(target, name, follow_symlinks=not nofollow)))
         except OSError as exc:
             if exc.errno != errno.ENODATA:  # removed between list and get
                 raise

@@ -45,6 +45,7 @@ from agent import record
 from agent.measure import (
     AHEAD_FILE_BYTES,
     Entry,
+    file_fields,
     full_path,
     measure_fields,
     open_ahead,
@@ -54,6 +55,7 @@ from agent.measure import (
 )
 from agent.mounts import MountTable
 from agent.policy import Policy
+from agent.record import Block
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -85,6 +87,7 @@ _FMT_CODES: Final = {
 
 # A task's result: items in manifest order, and the directories it left for other tasks.
 #   ("E", path, line, is_dir, link)  a measured entry; link = (dev, ino) when it has others
+#   ("B", block)                     measured entries without other links (``record.Block``)
 #   ("S", path, signature, is_dir)   a path seen in stat mode
 #   ("X", path, full)                the contents of directory path come from another task
 #   ("M", path)                      a mount point not descended
@@ -162,7 +165,10 @@ class _Scanner:
                 if opened is not None:
                     os.close(opened)
             self.ahead_bytes = 0
-        return [item for item in out if item is not None], deferred  # None: vanished
+        items = [item for item in out if item is not None]  # None: vanished
+        if kind != "paths" and task[-1]:  # a walk in measure mode
+            items = _blocked(items)
+        return items, deferred
 
     def _top(
         self,
@@ -290,6 +296,12 @@ class _Scanner:
         index, path, full, st, opened = self.ahead.popleft()
         if opened is not None:
             self.ahead_bytes -= min(st.st_size, AHEAD_FILE_BYTES)
+            if st.st_nlink < 2:  # the most common case: one look through the open file
+                fields = file_fields(path, st, opened)
+                if fields is not None:
+                    out[index] = ("E", path, record.fields_line(*fields), False, None)
+                    return
+                opened = None  # closed: measured again below, the careful way
         is_dir = stat.S_ISDIR(st.st_mode)
         if st.st_nlink < 2 or is_dir:  # the common case: no Entry made, the line straight away
             fields = measure_fields(full, path, st, self.policy, hash_content=True, opened=opened)
@@ -336,6 +348,24 @@ class _Scanner:
                 return
             raise
         self._emit(path, full, st, True, out)
+
+
+def _blocked(items: list[Item]) -> list[Item]:
+    """``items`` with each run of measured entries that have no other links made one
+    ``("B", block)``: the caller then handles a block, not every entry."""
+    out: list[Item] = []
+    run: list[tuple[str, str, bool]] = []
+    for item in items:
+        if item[0] == "E" and item[4] is None:
+            run.append(item[1:4])
+            continue
+        if run:
+            out.append(("B", Block.of(run)))
+            run = []
+        out.append(item)
+    if run:
+        out.append(("B", Block.of(run)))
+    return out
 
 
 def _listing(full: str, path: str) -> tuple[Iterator[str], str, str]:
@@ -538,19 +568,30 @@ class Walk:
 
     # -- what callers see ---------------------------------------------------------------------
 
-    def records(self) -> Iterator[tuple[str, str, bool]]:
-        """(path, record line, is_dir) for every path, in manifest order (measure mode)."""
-        assert not self.fast, "records() needs measure mode"
+    def blocks(self) -> Iterator[Block]:
+        """Every path's record in manifest order, in blocks (measure mode): what bake
+        writes."""
+        assert not self.fast, "blocks() needs measure mode"
         links: dict[tuple[int, int], str] = {}
         for item in self._items():
-            _kind, path, line, is_dir, link = item
+            if item[0] == "B":
+                block: Block = item[1]
+                self.count += len(block.paths)
+                self.measured += len(block.paths)
+                yield block
+                continue
+            _kind, path, line, is_dir, link = item  # a file with other links
             self.count += 1
             self.measured += 1
-            if link is not None:
-                first = links.setdefault(link, path)
-                if first != path:
-                    line = record.to_line(replace(record.from_line(line), hardlink=first))
-            yield path, line, is_dir
+            first = links.setdefault(link, path)
+            if first != path:
+                line = record.to_line(replace(record.from_line(line), hardlink=first))
+            yield Block.of([(path, line, is_dir)])
+
+    def records(self) -> Iterator[tuple[str, str, bool]]:
+        """(path, record line, is_dir) for every path, in manifest order (measure mode)."""
+        for block in self.blocks():
+            yield from block.records()
 
     def compared(self, reference: Reference) -> Iterator[Entry | Same]:
         """Every path as ``Same`` where ``reference`` has it as it is, else measured."""
