@@ -16,7 +16,6 @@ yields no entry at all.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -204,29 +203,31 @@ def _hashed(
     return stat_fields(full, path, st, None, "unstable")
 
 
-def open_ahead(full: str, size: int) -> int | None:
-    """Open the regular file ``full`` (as measuring does: no symlink followed, never
-    blocking) and ask the kernel to start reading it (``POSIX_FADV_WILLNEED``, at most
-    ``AHEAD_FILE_BYTES`` of it: the kernel's own readahead follows the reads of the rest), so
-    that a walk keeps the disk busy with the files it will hash next. None if it cannot be
-    opened now: measuring it opens it again and records why."""
+def open_ahead(path: str, size: int, dir_fd: int | None = None) -> int | None:
+    """Open the regular file ``path`` (relative to the directory ``dir_fd`` when given, as
+    ``os.open`` takes it; as measuring does: no symlink followed, never blocking) and ask the
+    kernel to start reading it (``POSIX_FADV_WILLNEED``, at most ``AHEAD_FILE_BYTES`` of it:
+    the kernel's own readahead follows the reads of the rest), so that a walk keeps the disk
+    busy with the files it will hash next. None if it cannot be opened now: measuring it
+    opens it again and records why."""
     try:
-        fd = _open(full)
+        fd = _open(path, dir_fd)
     except OSError:
         return None
-    # OSError: not a regular file any more (the measurement sees it), or no page cache
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 (once per file: contextlib.suppress costs more than the call)
         os.posix_fadvise(fd, 0, min(size, AHEAD_FILE_BYTES), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # not a regular file any more (the measurement sees it), or no page cache
     return fd
 
 
-def _open(full: str) -> int:
+def _open(path: str, dir_fd: int | None = None) -> int:
     if _NOATIME:
         try:
-            return os.open(full, _OPEN_FLAGS | _NOATIME)
+            return os.open(path, _OPEN_FLAGS | _NOATIME, dir_fd=dir_fd)
         except PermissionError:
             pass  # O_NOATIME needs ownership or CAP_FOWNER
-    return os.open(full, _OPEN_FLAGS)
+    return os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
 
 
 def _hash_stable(full: str, st: os.stat_result, fd: int | None = None) -> str | None:

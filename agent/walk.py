@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import heapq
 import os
 import stat
@@ -75,6 +76,9 @@ _TOP: Final = ""  # the key of the first task (every other task's is its directo
 _AHEAD_FILES: Final = 32  # paths measured this far behind the walk, their files read meanwhile
 _AHEAD_BYTES: Final = 16 << 20  # and no more bytes than this announced ahead
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
+# A directory that vanished, was replaced (by a symlink: never followed) or cannot be read.
+_UNLISTED: Final = (*_GONE, errno.ELOOP, errno.EACCES, errno.EPERM)
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FMT_CODES: Final = {
     stat.S_IFREG: "f",
     stat.S_IFDIR: "d",
@@ -146,6 +150,10 @@ class _Scanner:
         out: list[Item | None] = []
         deferred: list[tuple[str, str]] = []
         same = self.same = []
+        # A task makes no reference cycles: the cyclic collector, which would otherwise run
+        # every few files to look at everything the task keeps, waits until it is done.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             if kind == "top":
                 self._top(task[1], task[2], out, deferred)
@@ -165,6 +173,8 @@ class _Scanner:
                 if opened is not None:
                     os.close(opened)
             self.ahead_bytes = 0
+            if collecting:
+                gc.enable()
         items = [item for item in out if item is not None]  # None: vanished
         if kind != "paths" and task[-1]:  # a walk in measure mode
             items = _blocked(items)
@@ -208,42 +218,53 @@ class _Scanner:
         reference = self.reference
         same = self.same
         stack = [_listing(full, path)]
-        while stack:
-            names, prefix, fprefix = stack[-1]
-            name = next(names, None)
-            if name is None:
-                stack.pop()
-                continue
-            cpath = prefix + name
-            if excluded(cpath) or cpath in ignore:
-                continue
-            cfull = fprefix + name
-            try:
-                st = os.lstat(cfull)
-            except OSError as exc:
-                if exc.errno not in _GONE:
-                    raise
-                continue
-            mode = st.st_mode
-            is_dir = stat.S_ISDIR(mode)
-            if is_dir and st.st_dev != self.root_dev and self._skip_mount(cpath, cfull, st, out):
-                continue
-            if measure:
-                spent += self._emit(cpath, cfull, st, measure, out)
-            else:  # ``_emit`` in stat mode, inline: a check does this for every path
-                spent += 1
-                hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                signature = (_FMT_CODES.get(stat.S_IFMT(mode), "?"), st.st_size, hints)
-                if reference is not None and reference.unchanged(cpath, signature):
-                    same.append(cpath)
-                else:
-                    out.append(("S", cpath, signature, is_dir))
-            if is_dir:
-                if spent < budget:
-                    stack.append(_listing(cfull, cpath))
-                else:
-                    out.append(("X", cpath, cfull))
-                    deferred.append((cpath, cfull))
+        try:
+            while stack:
+                names, prefix, fprefix, dir_fd = stack[-1]
+                name = next(names, None)
+                if name is None:
+                    stack.pop()
+                    if dir_fd >= 0:
+                        os.close(dir_fd)
+                    continue
+                cpath = prefix + name
+                if excluded(cpath) or cpath in ignore:
+                    continue
+                cfull = fprefix + name
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in _GONE:
+                        raise
+                    continue
+                mode = st.st_mode
+                is_dir = stat.S_ISDIR(mode)
+                if (
+                    is_dir
+                    and st.st_dev != self.root_dev
+                    and self._skip_mount(cpath, cfull, st, out)
+                ):
+                    continue
+                if measure:
+                    spent += self._emit(cpath, cfull, st, measure, out, dir_fd, name)
+                else:  # ``_emit`` in stat mode, inline: a check does this for every path
+                    spent += 1
+                    hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                    signature = (_FMT_CODES.get(stat.S_IFMT(mode), "?"), st.st_size, hints)
+                    if reference is not None and reference.unchanged(cpath, signature):
+                        same.append(cpath)
+                    else:
+                        out.append(("S", cpath, signature, is_dir))
+                if is_dir:
+                    if spent < budget:
+                        stack.append(_listing(cfull, cpath))
+                    else:
+                        out.append(("X", cpath, cfull))
+                        deferred.append((cpath, cfull))
+        finally:
+            for _names, _prefix, _fprefix, dir_fd in stack:
+                if dir_fd >= 0:
+                    os.close(dir_fd)
 
     def _skip_mount(self, path: str, full: str, st: os.stat_result, out: list[Item | None]) -> bool:
         if st.st_dev == self.root_dev:
@@ -254,9 +275,17 @@ class _Scanner:
         return False
 
     def _emit(
-        self, path: str, full: str, st: os.stat_result, measure: bool, out: list[Item | None]
+        self,
+        path: str,
+        full: str,
+        st: os.stat_result,
+        measure: bool,
+        out: list[Item | None],
+        dir_fd: int | None = None,
+        name: str = "",
     ) -> int:
         """Measure (or just sign) one path into ``out``; return the work units it cost.
+        ``dir_fd``: its directory, open, where it is called ``name`` (else ``full`` is used).
 
         A measured path takes its place in ``out`` now and is measured a few files later
         (``_settle``), so that the files ahead of it are being read from disk meanwhile."""
@@ -274,7 +303,7 @@ class _Scanner:
         opened = None
         size = st.st_size
         if stat.S_ISREG(mode) and self._will_read(path, size, st):
-            opened = open_ahead(full, size)
+            opened = open_ahead(full, size) if dir_fd is None else open_ahead(name, size, dir_fd)
             if opened is not None:
                 self.ahead_bytes += min(size, AHEAD_FILE_BYTES)
         out.append(None)  # its place, filled in by _settle
@@ -368,21 +397,29 @@ def _blocked(items: list[Item]) -> list[Item]:
     return out
 
 
-def _listing(full: str, path: str) -> tuple[Iterator[str], str, str]:
-    """The names in the directory ``full`` (``path`` in the image) in manifest order, and the
-    prefixes that make them paths: nothing if it vanished or cannot be read (its own entry
-    still stands)."""
+def _listing(full: str, path: str) -> tuple[Iterator[str], str, str, int]:
+    """The names in the directory ``full`` (``path`` in the image) in manifest order, the
+    prefixes that make them paths, and the directory, open (its names are looked up in it,
+    not from the root again): no names and -1 if it vanished, was replaced or cannot be read
+    (its own entry still stands)."""
     try:
-        names = os.listdir(full)
+        fd = os.open(full, _DIR_FLAGS)
     except OSError as exc:
-        if exc.errno in (*_GONE, errno.EACCES, errno.EPERM):
-            return iter(()), "", ""
+        if exc.errno in _UNLISTED:
+            return iter(()), "", "", -1
+        raise
+    try:
+        names = os.listdir(fd)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in _UNLISTED:
+            return iter(()), "", "", -1
         raise
     if "".join(names).isascii():
         names.sort()  # ASCII sorts as its bytes do
     else:
         names.sort(key=_name_order)
-    return iter(names), path.rstrip("/") + "/", full.rstrip("/") + "/"
+    return iter(names), path.rstrip("/") + "/", full.rstrip("/") + "/", fd
 
 
 def _name_order(name: str) -> bytes:
