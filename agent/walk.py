@@ -77,7 +77,8 @@ _AHEAD_FILES: Final = 32  # paths measured this far behind the walk, their files
 _AHEAD_BYTES: Final = 16 << 20  # and no more bytes than this announced ahead
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
 # A directory that vanished, was replaced (by a symlink: never followed) or cannot be read.
-_UNLISTED: Final = (*_GONE, errno.ELOOP, errno.EACCES, errno.EPERM)
+_DENIED: Final = (errno.EACCES, errno.EPERM)
+_UNLISTED: Final = (*_GONE, errno.ELOOP, *_DENIED)
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FMT_CODES: Final = {
     stat.S_IFREG: "f",
@@ -144,6 +145,7 @@ class _Scanner:
         # the file opened and announced to the kernel (``measure.open_ahead``).
         self.ahead: deque[tuple[int, str, str, os.stat_result, int | None]] = deque()
         self.ahead_bytes = 0
+        self.listed: dict[str, bool] = {}  # directories this task listed: could it?
 
     def run(self, task: tuple[Any, ...]) -> tuple[list[Item], list[tuple[str, str]]]:
         kind = task[0]
@@ -173,6 +175,7 @@ class _Scanner:
                 if opened is not None:
                     os.close(opened)
             self.ahead_bytes = 0
+            self.listed.clear()
             if collecting:
                 gc.enable()
         items = [item for item in out if item is not None]  # None: vanished
@@ -217,7 +220,7 @@ class _Scanner:
         ignore = self.ignore
         reference = self.reference
         same = self.same
-        stack = [_listing(full, path)]
+        stack = [_listing(full, path, self.listed)]
         try:
             while stack:
                 names, prefix, fprefix, dir_fd = stack[-1]
@@ -257,7 +260,7 @@ class _Scanner:
                         out.append(("S", cpath, signature, is_dir))
                 if is_dir:
                     if spent < budget:
-                        stack.append(_listing(cfull, cpath))
+                        stack.append(_listing(cfull, cpath, self.listed))
                     else:
                         out.append(("X", cpath, cfull))
                         deferred.append((cpath, cfull))
@@ -332,6 +335,12 @@ class _Scanner:
                     return
                 opened = None  # closed: measured again below, the careful way
         is_dir = stat.S_ISDIR(st.st_mode)
+        listed = self.listed.pop(full, None) if is_dir else None
+        if listed is not None:  # the walk listed it (or could not): no need to look again
+            fields = stat_fields(full, path, st, None, "ok" if listed else "unreadable")
+            if fields is not None:
+                out[index] = ("E", path, record.fields_line(*fields), True, None)
+            return
         if st.st_nlink < 2 or is_dir:  # the common case: no Entry made, the line straight away
             fields = measure_fields(full, path, st, self.policy, hash_content=True, opened=opened)
             if fields is not None:  # else vanished: its place stays empty
@@ -397,15 +406,17 @@ def _blocked(items: list[Item]) -> list[Item]:
     return out
 
 
-def _listing(full: str, path: str) -> tuple[Iterator[str], str, str, int]:
+def _listing(full: str, path: str, listed: dict[str, bool]) -> tuple[Iterator[str], str, str, int]:
     """The names in the directory ``full`` (``path`` in the image) in manifest order, the
     prefixes that make them paths, and the directory, open (its names are looked up in it,
     not from the root again): no names and -1 if it vanished, was replaced or cannot be read
-    (its own entry still stands)."""
+    (its own entry still stands). ``listed[full]`` says whether it could be read."""
     try:
         fd = os.open(full, _DIR_FLAGS)
     except OSError as exc:
         if exc.errno in _UNLISTED:
+            if exc.errno in _DENIED:
+                listed[full] = False
             return iter(()), "", "", -1
         raise
     try:
@@ -415,6 +426,7 @@ def _listing(full: str, path: str) -> tuple[Iterator[str], str, str, int]:
         if exc.errno in _UNLISTED:
             return iter(()), "", "", -1
         raise
+    listed[full] = True
     if "".join(names).isascii():
         names.sort()  # ASCII sorts as its bytes do
     else:
