@@ -13,6 +13,11 @@ Inside a task a measured path is measured 32 paths after the walk has seen it: m
 file is open and its first 4 MiB announced to the kernel (``measure.open_ahead``), so the disk
 reads the files ahead while the worker hashes, and a cold cache costs little more than the
 reads themselves. The file is still checked against what ``lstat`` saw after it is read.
+Each directory is listed through an open descriptor, and its names are looked up in it
+(``lstat`` and ``open`` relative to it): the kernel resolves one name, not the whole path.
+In measure mode a task sends each run of measured entries as one ``record.Block`` (the lines
+with their Merkle leaves), so the caller, which also feeds the workers, handles a block, not
+every entry.
 
 Two modes: ``measure`` (every entry measured and hashed: bake, ``check --full``) and ``stat``
 (``lstat`` only: ``check``), where each path's signature — type, size, mtime, ctime, inode —
