@@ -1,11 +1,10 @@
-"""The ``bake`` and ``check`` commands: measure an image root into a signed manifest, and
-measure a root against one (``docs/manifest.md``, ``docs/check-output.md``)."""
+"""The ``check`` command: measure a root against a baked manifest (``docs/check-output.md``);
+``run_check`` is what the boot check runs too. ``bake`` is ``agent.bake``."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -17,8 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent import keys, logs
 from agent.compare import Finding, PackageFinding, compare_packages, compare_tree
-from agent.errors import EXIT_DRIFT, EXIT_OK, AgentError, PolicyError
-from agent.manifest import Baseline, Head, ManifestWriter, load_baseline, read_head
+from agent.errors import EXIT_DRIFT, EXIT_OK
+from agent.imageroot import own_paths, root_dir
+from agent.manifest import Baseline, Head, load_baseline, read_head
 from agent.packages import PackageSet, read_packages
 from agent.policy import Policy, load_policy
 from agent.walk import Walk
@@ -28,70 +28,6 @@ CHECK_FORMAT: Final = "driftwarden-check"
 CHECK_VERSION: Final = 1
 
 log = logs.get_logger()
-
-
-def _root_dir(root: Path) -> Path:
-    if not root.is_dir():
-        raise AgentError("the root to measure is not a directory", path=root)
-    return root
-
-
-def _inside(root: Path, *files: Path) -> frozenset[str]:
-    """The image paths of ``files`` that lie inside ``root`` (the tool's own files)."""
-    base = os.path.realpath(root)
-    out = set()
-    for file in files:
-        real = os.path.join(os.path.realpath(file.parent), file.name)
-        rel = os.path.relpath(real, base)
-        if not rel.startswith(".."):
-            out.add("/" + rel)
-    return frozenset(out)
-
-
-def _policy_with_text(path: Path) -> tuple[Policy, str]:
-    policy = load_policy(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyError(f"cannot read policy: {exc.strerror}", path=path) from exc
-    if load_policy(path).digest != policy.digest:
-        raise PolicyError("the policy changed while it was read", path=path)
-    return policy, text
-
-
-def bake_command(args: argparse.Namespace) -> int:
-    root = _root_dir(args.root)
-    policy, text = _policy_with_text(args.policy)
-    out: Path = args.out
-    started = time.monotonic()
-    log.info("bake_started", root=str(root), policy=policy.name, out=str(out))
-    own = {str(out.with_name(f".{out.name}{suffix}")) for suffix in (".tmp", ".entries.tmp")}
-    ignore = _inside(root, out, *(Path(p) for p in own))
-    with Walk(root, policy, workers=args.workers, ignore=ignore) as walk:
-        walk.start()  # the workers walk while this process reads the key and the packages
-        signer = keys.load_private(args.key) if args.key else None
-        packages = read_packages(root)
-        with ManifestWriter(
-            out,
-            policy=policy,
-            policy_text=text,
-            build_id=args.build_id,
-            signer=signer,
-            compress_level=args.compress_level,
-        ) as writer:
-            for path, line, is_dir in walk.records():
-                writer.add_line(path, line, is_dir=is_dir)
-            writer.set_packages(packages)
-            statement = writer.finish()
-    seconds = time.monotonic() - started
-    log.info("bake_finished", entries=writer.count, root_digest=statement["root"], seconds=seconds)
-    signed = f"signed by {statement['key_id']}" if signer else "UNSIGNED (no --key)"
-    print(
-        f"baked {writer.count} entries and {len(packages.packages)} {packages.manager} packages"
-        f" from {root} into {out}"
-    )
-    print(f"merkle root {statement['root']}, {signed}")
-    return EXIT_OK
 
 
 @dataclass(frozen=True)
@@ -128,8 +64,8 @@ def run_check(
     """Verify the baseline (``public_key`` makes a bad or missing signature ``UntrustedError``)
     and measure ``root`` against it, files and packages. ``own_files`` (the manifest, the
     agent's state) are not measured when they lie inside the root."""
-    root = _root_dir(root)
-    ignore = _inside(root, baseline_path, *own_files)
+    root = root_dir(root)
+    ignore = own_paths(root, baseline_path, *own_files)
     if full:
         head = read_head(baseline_path, public_key=public_key)
         reference = None

@@ -37,9 +37,9 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _bake(args: argparse.Namespace) -> int:
-    from agent import baseline
+    from agent import bake
 
-    return baseline.bake_command(args)
+    return bake.bake_command(args)
 
 
 def _check(args: argparse.Namespace) -> int:

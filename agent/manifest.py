@@ -85,17 +85,25 @@ class MerkleTree:
         self.subtrees: dict[str, str] | None = {} if keep_subtrees else None
 
     def add(self, path: str, content: bytes, is_dir: bool) -> None:
+        self.add_leaves([path], bytes((is_dir,)), record.leaf_digest(content))
+
+    def add_leaves(self, paths: list[str], dirs: bytes, leaves: bytes) -> None:
+        """Add entries by their leaves (``record.leaf_digest``, 32 bytes each, one after
+        another), ``dirs`` saying which are directories (``record.Block``)."""
         stack = self._stack
-        while stack and not path.startswith(stack[-1][1]):
-            self._close()
-        leaf = hashlib.sha256(b"\x00" + content).digest()
-        if is_dir:
-            prefix = "/" if path == "/" else path + "/"
-            stack.append((path, prefix, hashlib.sha256(b"\x01" + leaf)))
-        elif stack:
-            stack[-1][2].update(leaf)
-        else:
-            self._tops.append(leaf)
+        at = 0
+        for path, is_dir in zip(paths, dirs, strict=True):
+            while stack and not path.startswith(stack[-1][1]):
+                self._close()
+            leaf = leaves[at : at + 32]
+            at += 32
+            if is_dir:
+                prefix = "/" if path == "/" else path + "/"
+                stack.append((path, prefix, hashlib.sha256(b"\x01" + leaf)))
+            elif stack:
+                stack[-1][2].update(leaf)
+            else:
+                self._tops.append(leaf)
 
     def _close(self) -> None:
         path, _prefix, hasher = self._stack.pop()
@@ -180,6 +188,15 @@ class ManifestWriter:
         self.count += 1
         if len(self._lines) >= _FLUSH_LINES:
             self._flush()
+
+    def add_block(self, block: record.Block) -> None:
+        """Add the records of ``block`` (the next in manifest order)."""
+        self._flush()
+        self._merkle.add_leaves(block.paths, block.dirs, block.leaves)
+        self._hints.update(block.hints)
+        self._entries.update(block.data)
+        self._write(self._fh, self._deflate.compress(block.data))
+        self.count += len(block.paths)
 
     def set_packages(self, packages: PackageSet) -> None:
         self._packages = packages

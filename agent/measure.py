@@ -16,7 +16,6 @@ yields no entry at all.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -204,29 +203,31 @@ def _hashed(
     return stat_fields(full, path, st, None, "unstable")
 
 
-def open_ahead(full: str, size: int) -> int | None:
-    """Open the regular file ``full`` (as measuring does: no symlink followed, never
-    blocking) and ask the kernel to start reading it (``POSIX_FADV_WILLNEED``, at most
-    ``AHEAD_FILE_BYTES`` of it: the kernel's own readahead follows the reads of the rest), so
-    that a walk keeps the disk busy with the files it will hash next. None if it cannot be
-    opened now: measuring it opens it again and records why."""
+def open_ahead(path: str, size: int, dir_fd: int | None = None) -> int | None:
+    """Open the regular file ``path`` (relative to the directory ``dir_fd`` when given, as
+    ``os.open`` takes it; as measuring does: no symlink followed, never blocking) and ask the
+    kernel to start reading it (``POSIX_FADV_WILLNEED``, at most ``AHEAD_FILE_BYTES`` of it:
+    the kernel's own readahead follows the reads of the rest), so that a walk keeps the disk
+    busy with the files it will hash next. None if it cannot be opened now: measuring it
+    opens it again and records why."""
     try:
-        fd = _open(full)
+        fd = _open(path, dir_fd)
     except OSError:
         return None
-    # OSError: not a regular file any more (the measurement sees it), or no page cache
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 (once per file: contextlib.suppress costs more than the call)
         os.posix_fadvise(fd, 0, min(size, AHEAD_FILE_BYTES), os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # not a regular file any more (the measurement sees it), or no page cache
     return fd
 
 
-def _open(full: str) -> int:
+def _open(path: str, dir_fd: int | None = None) -> int:
     if _NOATIME:
         try:
-            return os.open(full, _OPEN_FLAGS | _NOATIME)
+            return os.open(path, _OPEN_FLAGS | _NOATIME, dir_fd=dir_fd)
         except PermissionError:
             pass  # O_NOATIME needs ownership or CAP_FOWNER
-    return os.open(full, _OPEN_FLAGS)
+    return os.open(path, _OPEN_FLAGS, dir_fd=dir_fd)
 
 
 def _hash_stable(full: str, st: os.stat_result, fd: int | None = None) -> str | None:
@@ -236,16 +237,62 @@ def _hash_stable(full: str, st: os.stat_result, fd: int | None = None) -> str | 
     if fd is None:
         fd = _open(full)
     try:
-        if st.st_size <= _INLINE_BYTES:
-            data = os.read(fd, st.st_size + 1)
-            count = len(data)
-            digest = hashlib.sha256(data).hexdigest()
-        else:
-            digest, count = _read_hash(fd, None)
+        digest, count = _read_small(fd, st.st_size)
         after = os.fstat(fd)
     finally:
         os.close(fd)
-    same = (
+    return digest if _unchanged(st, after, count) else None
+
+
+def file_fields(path: str, st: os.stat_result, fd: int) -> Fields | None:
+    """The fields of the regular file that ``lstat`` showed as ``st``, its content and xattrs
+    read through ``fd`` (opened by ``open_ahead``; closed here): one look, all through the
+    open file. None when it was not that look's file throughout or an error came up:
+    ``measure_fields`` then measures it the careful way (again, and with a state)."""
+    try:
+        try:
+            digest, count = _read_small(fd, st.st_size)
+            after = os.fstat(fd)
+            xattrs = _xattrs(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if not _unchanged(st, after, count):
+        return None
+    return (
+        path,
+        "file",
+        stat.S_IMODE(st.st_mode),
+        st.st_uid,
+        st.st_gid,
+        st.st_size,
+        digest,
+        None,
+        None,
+        xattrs,
+        0,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+        st.st_nlink,
+        "ok",
+    )
+
+
+def _read_small(fd: int, size: int) -> tuple[str, int]:
+    """(digest, bytes read) of the open file ``fd`` that ``lstat`` said has ``size`` bytes:
+    a small one in one read (one byte more, to see it grew), a larger one in chunks."""
+    if size > _INLINE_BYTES:
+        return _read_hash(fd, None)
+    data = os.read(fd, size + 1)
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def _unchanged(st: os.stat_result, after: os.stat_result, count: int) -> bool:
+    """Whether ``count`` bytes read, and ``fstat`` after the read, show the file ``st``
+    described: the same inode, size, mtime and ctime, still a regular file."""
+    return (
         count == st.st_size
         and after.st_ino == st.st_ino
         and after.st_dev == st.st_dev
@@ -254,7 +301,6 @@ def _hash_stable(full: str, st: os.stat_result, fd: int | None = None) -> str | 
         and after.st_ctime_ns == st.st_ctime_ns
         and stat.S_ISREG(after.st_mode)
     )
-    return digest if same else None
 
 
 _buffers = threading.local()
@@ -277,9 +323,12 @@ def _read_hash(fd: int, limit: int | None) -> tuple[str, int]:
     return hasher.hexdigest(), count
 
 
-def _xattrs(full: str) -> tuple[tuple[str, bytes], ...]:
+def _xattrs(target: str | int) -> tuple[tuple[str, bytes], ...]:
+    """The extended attributes of the path ``target`` (never following a symlink) or of the
+    open file ``target``, sorted by name."""
+    nofollow = isinstance(target, str)  # an open file has nothing to follow
     try:
-        names = os.listxattr(full, follow_symlinks=False)
+        names = os.listxattr(target, follow_symlinks=False) if nofollow else os.listxattr(target)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.ENODATA):
             return ()
@@ -289,7 +338,7 @@ def _xattrs(full: str) -> tuple[tuple[str, bytes], ...]:
     out = []
     for name in sorted(names, key=lambda n: n.encode("utf-8", "surrogateescape")):
         try:
-            out.append((name, os.getxattr(full, name, follow_symlinks=False)))
+            out.append((name, os.getxattr(target, name, follow_symlinks=not nofollow)))
         except OSError as exc:
             if exc.errno != errno.ENODATA:  # removed between list and get
                 raise

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
-from typing import Any, Final
+from collections.abc import Iterable, Iterator
+from typing import Any, Final, NamedTuple
 
 from agent.errors import ManifestError
 from agent.measure import Entry
@@ -120,6 +122,46 @@ def fields_line(
     if state != "ok":
         line += f',"st":"{state}"'
     return line + f"{HINTS_MARK}[{mtime_ns},{ctime_ns},{ino}]}}"
+
+
+def leaf_digest(content: bytes) -> bytes:
+    """The Merkle tree's leaf of a record whose content (``split_line``) is ``content``."""
+    return hashlib.sha256(b"\x00" + content).digest()
+
+
+class Block(NamedTuple):
+    """Consecutive entry records in manifest order, as a manifest takes them in: what a
+    walk's worker sends, so that the writer handles a block, not each record."""
+
+    paths: list[str]
+    dirs: bytes  # per record: 1 for a directory, else 0
+    data: bytes  # the record lines, each ending with a newline (UTF-8)
+    hints: bytes  # the records' hints, one after another
+    leaves: bytes  # the records' Merkle leaves (``leaf_digest``), 32 bytes each
+
+    @classmethod
+    def of(cls, records: Iterable[tuple[str, str, bool]]) -> Block:
+        """The block of these (path, record line, is_dir)."""
+        paths: list[str] = []
+        dirs = bytearray()
+        hints: list[str] = []
+        leaves: list[bytes] = []
+        lines: list[str] = []
+        for path, line, is_dir in records:
+            content, hint = split_line(line)
+            paths.append(path)
+            dirs.append(is_dir)
+            hints.append(hint)
+            leaves.append(leaf_digest(content.encode()))
+            lines.append(line)
+        lines.append("")
+        data = "\n".join(lines).encode()
+        return cls(paths, bytes(dirs), data, "".join(hints).encode(), b"".join(leaves))
+
+    def records(self) -> Iterator[tuple[str, str, bool]]:
+        """(path, record line, is_dir) of each record, in order."""
+        lines = self.data.decode().split("\n")
+        return zip(self.paths, lines, map(bool, self.dirs), strict=False)
 
 
 def to_json(entry: Entry) -> dict[str, Any]:

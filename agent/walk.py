@@ -13,6 +13,11 @@ Inside a task a measured path is measured 32 paths after the walk has seen it: m
 file is open and its first 4 MiB announced to the kernel (``measure.open_ahead``), so the disk
 reads the files ahead while the worker hashes, and a cold cache costs little more than the
 reads themselves. The file is still checked against what ``lstat`` saw after it is read.
+Each directory is listed through an open descriptor, and its names are looked up in it
+(``lstat`` and ``open`` relative to it): the kernel resolves one name, not the whole path.
+In measure mode a task sends each run of measured entries as one ``record.Block`` (the lines
+with their Merkle leaves), so the caller, which also feeds the workers, handles a block, not
+every entry.
 
 Two modes: ``measure`` (every entry measured and hashed: bake, ``check --full``) and ``stat``
 (``lstat`` only: ``check``), where each path's signature — type, size, mtime, ctime, inode —
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import heapq
 import os
 import stat
@@ -45,6 +51,7 @@ from agent import record
 from agent.measure import (
     AHEAD_FILE_BYTES,
     Entry,
+    file_fields,
     full_path,
     measure_fields,
     open_ahead,
@@ -54,6 +61,7 @@ from agent.measure import (
 )
 from agent.mounts import MountTable
 from agent.policy import Policy
+from agent.record import Block
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
@@ -73,6 +81,10 @@ _TOP: Final = ""  # the key of the first task (every other task's is its directo
 _AHEAD_FILES: Final = 32  # paths measured this far behind the walk, their files read meanwhile
 _AHEAD_BYTES: Final = 16 << 20  # and no more bytes than this announced ahead
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
+# A directory that vanished, was replaced (by a symlink: never followed) or cannot be read.
+_DENIED: Final = (errno.EACCES, errno.EPERM)
+_UNLISTED: Final = (*_GONE, errno.ELOOP, *_DENIED)
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FMT_CODES: Final = {
     stat.S_IFREG: "f",
     stat.S_IFDIR: "d",
@@ -85,6 +97,7 @@ _FMT_CODES: Final = {
 
 # A task's result: items in manifest order, and the directories it left for other tasks.
 #   ("E", path, line, is_dir, link)  a measured entry; link = (dev, ino) when it has others
+#   ("B", block)                     measured entries without other links (``record.Block``)
 #   ("S", path, signature, is_dir)   a path seen in stat mode
 #   ("X", path, full)                the contents of directory path come from another task
 #   ("M", path)                      a mount point not descended
@@ -137,12 +150,17 @@ class _Scanner:
         # the file opened and announced to the kernel (``measure.open_ahead``).
         self.ahead: deque[tuple[int, str, str, os.stat_result, int | None]] = deque()
         self.ahead_bytes = 0
+        self.listed: dict[str, bool] = {}  # directories this task listed: could it?
 
     def run(self, task: tuple[Any, ...]) -> tuple[list[Item], list[tuple[str, str]]]:
         kind = task[0]
         out: list[Item | None] = []
         deferred: list[tuple[str, str]] = []
         same = self.same = []
+        # A task makes no reference cycles: the cyclic collector, which would otherwise run
+        # every few files to look at everything the task keeps, waits until it is done.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             if kind == "top":
                 self._top(task[1], task[2], out, deferred)
@@ -162,7 +180,13 @@ class _Scanner:
                 if opened is not None:
                     os.close(opened)
             self.ahead_bytes = 0
-        return [item for item in out if item is not None], deferred  # None: vanished
+            self.listed.clear()
+            if collecting:
+                gc.enable()
+        items = [item for item in out if item is not None]  # None: vanished
+        if kind != "paths" and task[-1]:  # a walk in measure mode
+            items = _blocked(items)
+        return items, deferred
 
     def _top(
         self,
@@ -201,43 +225,54 @@ class _Scanner:
         ignore = self.ignore
         reference = self.reference
         same = self.same
-        stack = [_listing(full, path)]
-        while stack:
-            names, prefix, fprefix = stack[-1]
-            name = next(names, None)
-            if name is None:
-                stack.pop()
-                continue
-            cpath = prefix + name
-            if excluded(cpath) or cpath in ignore:
-                continue
-            cfull = fprefix + name
-            try:
-                st = os.lstat(cfull)
-            except OSError as exc:
-                if exc.errno not in _GONE:
-                    raise
-                continue
-            mode = st.st_mode
-            is_dir = stat.S_ISDIR(mode)
-            if is_dir and st.st_dev != self.root_dev and self._skip_mount(cpath, cfull, st, out):
-                continue
-            if measure:
-                spent += self._emit(cpath, cfull, st, measure, out)
-            else:  # ``_emit`` in stat mode, inline: a check does this for every path
-                spent += 1
-                hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                signature = (_FMT_CODES.get(stat.S_IFMT(mode), "?"), st.st_size, hints)
-                if reference is not None and reference.unchanged(cpath, signature):
-                    same.append(cpath)
-                else:
-                    out.append(("S", cpath, signature, is_dir))
-            if is_dir:
-                if spent < budget:
-                    stack.append(_listing(cfull, cpath))
-                else:
-                    out.append(("X", cpath, cfull))
-                    deferred.append((cpath, cfull))
+        stack = [_listing(full, path, self.listed)]
+        try:
+            while stack:
+                names, prefix, fprefix, dir_fd = stack[-1]
+                name = next(names, None)
+                if name is None:
+                    stack.pop()
+                    if dir_fd >= 0:
+                        os.close(dir_fd)
+                    continue
+                cpath = prefix + name
+                if excluded(cpath) or cpath in ignore:
+                    continue
+                cfull = fprefix + name
+                try:
+                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in _GONE:
+                        raise
+                    continue
+                mode = st.st_mode
+                is_dir = stat.S_ISDIR(mode)
+                if (
+                    is_dir
+                    and st.st_dev != self.root_dev
+                    and self._skip_mount(cpath, cfull, st, out)
+                ):
+                    continue
+                if measure:
+                    spent += self._emit(cpath, cfull, st, measure, out, dir_fd, name)
+                else:  # ``_emit`` in stat mode, inline: a check does this for every path
+                    spent += 1
+                    hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                    signature = (_FMT_CODES.get(stat.S_IFMT(mode), "?"), st.st_size, hints)
+                    if reference is not None and reference.unchanged(cpath, signature):
+                        same.append(cpath)
+                    else:
+                        out.append(("S", cpath, signature, is_dir))
+                if is_dir:
+                    if spent < budget:
+                        stack.append(_listing(cfull, cpath, self.listed))
+                    else:
+                        out.append(("X", cpath, cfull))
+                        deferred.append((cpath, cfull))
+        finally:
+            for _names, _prefix, _fprefix, dir_fd in stack:
+                if dir_fd >= 0:
+                    os.close(dir_fd)
 
     def _skip_mount(self, path: str, full: str, st: os.stat_result, out: list[Item | None]) -> bool:
         if st.st_dev == self.root_dev:
@@ -248,9 +283,17 @@ class _Scanner:
         return False
 
     def _emit(
-        self, path: str, full: str, st: os.stat_result, measure: bool, out: list[Item | None]
+        self,
+        path: str,
+        full: str,
+        st: os.stat_result,
+        measure: bool,
+        out: list[Item | None],
+        dir_fd: int | None = None,
+        name: str = "",
     ) -> int:
         """Measure (or just sign) one path into ``out``; return the work units it cost.
+        ``dir_fd``: its directory, open, where it is called ``name`` (else ``full`` is used).
 
         A measured path takes its place in ``out`` now and is measured a few files later
         (``_settle``), so that the files ahead of it are being read from disk meanwhile."""
@@ -268,7 +311,7 @@ class _Scanner:
         opened = None
         size = st.st_size
         if stat.S_ISREG(mode) and self._will_read(path, size, st):
-            opened = open_ahead(full, size)
+            opened = open_ahead(full, size) if dir_fd is None else open_ahead(name, size, dir_fd)
             if opened is not None:
                 self.ahead_bytes += min(size, AHEAD_FILE_BYTES)
         out.append(None)  # its place, filled in by _settle
@@ -290,7 +333,19 @@ class _Scanner:
         index, path, full, st, opened = self.ahead.popleft()
         if opened is not None:
             self.ahead_bytes -= min(st.st_size, AHEAD_FILE_BYTES)
+            if st.st_nlink < 2:  # the most common case: one look through the open file
+                fields = file_fields(path, st, opened)
+                if fields is not None:
+                    out[index] = ("E", path, record.fields_line(*fields), False, None)
+                    return
+                opened = None  # closed: measured again below, the careful way
         is_dir = stat.S_ISDIR(st.st_mode)
+        listed = self.listed.pop(full, None) if is_dir else None
+        if listed is not None:  # the walk listed it (or could not): no need to look again
+            fields = stat_fields(full, path, st, None, "ok" if listed else "unreadable")
+            if fields is not None:
+                out[index] = ("E", path, record.fields_line(*fields), True, None)
+            return
         if st.st_nlink < 2 or is_dir:  # the common case: no Entry made, the line straight away
             fields = measure_fields(full, path, st, self.policy, hash_content=True, opened=opened)
             if fields is not None:  # else vanished: its place stays empty
@@ -338,21 +393,50 @@ class _Scanner:
         self._emit(path, full, st, True, out)
 
 
-def _listing(full: str, path: str) -> tuple[Iterator[str], str, str]:
-    """The names in the directory ``full`` (``path`` in the image) in manifest order, and the
-    prefixes that make them paths: nothing if it vanished or cannot be read (its own entry
-    still stands)."""
+def _blocked(items: list[Item]) -> list[Item]:
+    """``items`` with each run of measured entries that have no other links made one
+    ``("B", block)``: the caller then handles a block, not every entry."""
+    out: list[Item] = []
+    run: list[tuple[str, str, bool]] = []
+    for item in items:
+        if item[0] == "E" and item[4] is None:
+            run.append(item[1:4])
+            continue
+        if run:
+            out.append(("B", Block.of(run)))
+            run = []
+        out.append(item)
+    if run:
+        out.append(("B", Block.of(run)))
+    return out
+
+
+def _listing(full: str, path: str, listed: dict[str, bool]) -> tuple[Iterator[str], str, str, int]:
+    """The names in the directory ``full`` (``path`` in the image) in manifest order, the
+    prefixes that make them paths, and the directory, open (its names are looked up in it,
+    not from the root again): no names and -1 if it vanished, was replaced or cannot be read
+    (its own entry still stands). ``listed[full]`` says whether it could be read."""
     try:
-        names = os.listdir(full)
+        fd = os.open(full, _DIR_FLAGS)
     except OSError as exc:
-        if exc.errno in (*_GONE, errno.EACCES, errno.EPERM):
-            return iter(()), "", ""
+        if exc.errno in _UNLISTED:
+            if exc.errno in _DENIED:
+                listed[full] = False
+            return iter(()), "", "", -1
         raise
+    try:
+        names = os.listdir(fd)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in _UNLISTED:
+            return iter(()), "", "", -1
+        raise
+    listed[full] = True
     if "".join(names).isascii():
         names.sort()  # ASCII sorts as its bytes do
     else:
         names.sort(key=_name_order)
-    return iter(names), path.rstrip("/") + "/", full.rstrip("/") + "/"
+    return iter(names), path.rstrip("/") + "/", full.rstrip("/") + "/", fd
 
 
 def _name_order(name: str) -> bytes:
@@ -538,19 +622,30 @@ class Walk:
 
     # -- what callers see ---------------------------------------------------------------------
 
-    def records(self) -> Iterator[tuple[str, str, bool]]:
-        """(path, record line, is_dir) for every path, in manifest order (measure mode)."""
-        assert not self.fast, "records() needs measure mode"
+    def blocks(self) -> Iterator[Block]:
+        """Every path's record in manifest order, in blocks (measure mode): what bake
+        writes."""
+        assert not self.fast, "blocks() needs measure mode"
         links: dict[tuple[int, int], str] = {}
         for item in self._items():
-            _kind, path, line, is_dir, link = item
+            if item[0] == "B":
+                block: Block = item[1]
+                self.count += len(block.paths)
+                self.measured += len(block.paths)
+                yield block
+                continue
+            _kind, path, line, is_dir, link = item  # a file with other links
             self.count += 1
             self.measured += 1
-            if link is not None:
-                first = links.setdefault(link, path)
-                if first != path:
-                    line = record.to_line(replace(record.from_line(line), hardlink=first))
-            yield path, line, is_dir
+            first = links.setdefault(link, path)
+            if first != path:
+                line = record.to_line(replace(record.from_line(line), hardlink=first))
+            yield Block.of([(path, line, is_dir)])
+
+    def records(self) -> Iterator[tuple[str, str, bool]]:
+        """(path, record line, is_dir) for every path, in manifest order (measure mode)."""
+        for block in self.blocks():
+            yield from block.records()
 
     def compared(self, reference: Reference) -> Iterator[Entry | Same]:
         """Every path as ``Same`` where ``reference`` has it as it is, else measured."""

@@ -6,7 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from agent import baseline, keys
+from agent import keys
+from agent.bake import bake_command
 
 POLICY = """
 [policy]
@@ -101,4 +102,4 @@ def bake(
         workers=2,
         compress_level=compress_level,
     )
-    assert baseline.bake_command(args) == 0
+    assert bake_command(args) == 0

@@ -205,10 +205,12 @@ def test_file_that_vanishes_while_measured_yields_nothing(
 ) -> None:
     real_open = os.open
 
-    def vanishing_open(path: str, flags: int, mode: int = 0o777) -> int:
+    def vanishing_open(
+        path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+    ) -> int:
         if path.endswith("/etc/passwd"):
             os.unlink(path)
-        return real_open(path, flags, mode)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
 
     monkeypatch.setattr(measure.os, "open", vanishing_open)
     assert measure_path(root, "/etc/passwd", policy()) is None
@@ -219,11 +221,13 @@ def test_file_replaced_by_a_symlink_while_measured_is_the_symlink(
 ) -> None:
     real_open = os.open
 
-    def swapping_open(path: str, flags: int, mode: int = 0o777) -> int:
+    def swapping_open(
+        path: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+    ) -> int:
         if path.endswith("/etc/passwd") and not os.path.islink(path):
             os.unlink(path)
             os.symlink("/etc/shadow", path)
-        return real_open(path, flags, mode)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
 
     monkeypatch.setattr(measure.os, "open", swapping_open)
     entry = measure_path(root, "/etc/passwd", policy())
@@ -302,8 +306,9 @@ def _open_ahead_then(
     real = walk_module.open_ahead
     opened: list[str] = []
 
-    def opening(full: str, size: int) -> int | None:
-        fd = real(full, size)
+    def opening(path: str, size: int, dir_fd: int | None = None) -> int | None:
+        fd = real(path, size, dir_fd)
+        full = path if dir_fd is None else f"{os.readlink(f'/proc/self/fd/{dir_fd}')}/{path}"
         opened.append(full)
         if full.endswith("/" + name):
             act(Path(full))
