@@ -14,11 +14,12 @@ Every commit costs a flush to disk and a turn of the database's write lock (SQLi
 the ingest's group commit waits for), so a worker spends few of them:
 
 - a handler that only reads and writes the database (``Registry.register_tx``: an alert opens
-  an incident and queues its deliveries) runs inside the worker's transaction: a claimed batch
-  is handled (each job in a savepoint, so a failing one is undone alone) and ended in ONE
-  transaction. The claim commits first, so the batch holds no uncommitted job rows while it
-  waits for host rows; the host rows its jobs name are then locked in host id order, as the
-  group commit locks them. They stay locked until the batch commits (at most ``batch`` jobs);
+  an incident and queues its deliveries) runs inside the worker's transaction, and the job's
+  end commits with it. On SQLite a claimed batch is handled (each job in a savepoint, so a
+  failing one is undone alone) and ended in ONE transaction; on PostgreSQL, whose row locks two
+  replicas' batches would take in clashing orders, each job has its own. The claim commits
+  first, so no uncommitted job rows are held while host rows are waited for; the host rows a
+  job names are locked first, in host id order, as the group commit locks them;
 - any other handler (it calls out: a sink, a cloud API) runs outside a transaction; the ends of
   a batch's attempts are written together in one transaction after the batch, or sooner when
   half the lease has gone by or the worker is stopping. A worker killed mid-batch leaves its
@@ -159,29 +160,41 @@ class Worker:
         ends.clear()
 
     def _run_in_tx(self, kind: str, handler: TxHandler, locks: Locks) -> int:
-        """Claim a batch (committed at once, as for any kind), then handle and end it in one
-        transaction, each job in a savepoint, its hosts' rows locked first in host id order.
-        The claim commits first so that the batch holds no uncommitted job rows while it waits
-        for host rows (a group commit holding those may be inserting jobs)."""
+        """Claim a batch (committed at once, as for any kind), then handle and end each job in
+        a savepoint of a transaction, its hosts' rows locked first in host id order.
+
+        Where a write transaction locks the whole database (SQLite) the batch shares ONE
+        transaction: writers take turns, so nothing can wait on it in a cycle. Where rows are
+        locked (PostgreSQL) each job has a transaction of its own (its end committed with it):
+        a batch would lock the rows of many hosts, pools and incidents in the order of its
+        jobs, and two replicas' batches deadlocked on them. The claim commits first so that no
+        uncommitted job rows are held while host rows are waited for."""
         lease_s = self.config.lease_s
         claimed = self.store.claim(kind, self.name, limit=self.batch, lease_s=lease_s)
         if not claimed:
             return 0
-        ends: dict[int, _End] = {}
-        hosts: set[str] = set()
+        units: list[tuple[list[Job], set[str]]] = []
+        failed: dict[int, _End] = {}
         for job in claimed:
             try:
-                hosts.update(locks(job))
+                hosts = set(locks(job))
             except Exception as exc:  # a malformed payload fails its own job only
-                ends[job.job_id] = self._failed(job, exc)
-        with self.store.transaction() as tx:
-            tx.lock_hosts(sorted(hosts))
-            for job in claimed:
-                end = ends.get(job.job_id) or self._attempt(
-                    job, partial(_in_savepoint, tx, handler, job)
-                )
-                if not end(tx):
-                    log.warning("job_end_lost", job_id=job.job_id, kind=job.kind)
+                failed[job.job_id] = self._failed(job, exc)
+                hosts = set()
+            if units and not self.store.row_locks:
+                units[0][0].append(job)
+                units[0][1].update(hosts)
+            else:
+                units.append(([job], hosts))
+        for jobs, hosts in units:
+            with self.store.transaction() as tx:
+                tx.lock_hosts(sorted(hosts))
+                for job in jobs:
+                    end = failed.get(job.job_id) or self._attempt(
+                        job, partial(_in_savepoint, tx, handler, job)
+                    )
+                    if not end(tx):
+                        log.warning("job_end_lost", job_id=job.job_id, kind=job.kind)
         return len(claimed)
 
     def _attempt(self, job: Job, run: Callable[[], datetime | None]) -> _End:

@@ -65,6 +65,12 @@ class Store(Protocol):
     @property
     def backend(self) -> str: ...
 
+    @property
+    def row_locks(self) -> bool:
+        """True where writers lock rows (PostgreSQL), False where a write transaction locks
+        the whole database (SQLite)."""
+        ...
+
     clock: Callable[[], datetime]
 
     def transaction(self) -> AbstractContextManager[Tx]: ...
