@@ -260,24 +260,7 @@ def file_fields(path: str, st: os.stat_result, fd: int) -> Fields | None:
         return None
     if not _unchanged(st, after, count):
         return None
-    return (
-        path,
-        "file",
-        stat.S_IMODE(st.st_mode),
-        st.st_uid,
-        st.st_gid,
-        st.st_size,
-        digest,
-        None,
-        None,
-        xattrs,
-        0,
-        st.st_mtime_ns,
-        st.st_ctime_ns,
-        st.st_ino,
-        st.st_nlink,
-        "ok",
-    )
+    return _fields(path, st, "file", digest, None, xattrs, "ok")
 
 
 def _read_small(fd: int, size: int) -> tuple[str, int]:
@@ -361,6 +344,19 @@ def stat_fields(
         if exc.errno in _GONE:
             return None
         xattrs, state, digest = (), "unreadable", None
+    return _fields(path, st, kind, digest, target, xattrs, state)
+
+
+def _fields(
+    path: str,
+    st: os.stat_result,
+    kind: str,
+    digest: str | None,
+    target: str | None,
+    xattrs: tuple[tuple[str, bytes], ...],
+    state: str,
+) -> Fields:
+    """The fields of an entry of ``kind`` that ``lstat`` showed as ``st``."""
     if kind == "dir":
         size = nlink = 0
     else:
@@ -369,7 +365,7 @@ def stat_fields(
     return (
         path,
         kind,
-        stat.S_IMODE(mode),
+        stat.S_IMODE(st.st_mode),
         st.st_uid,
         st.st_gid,
         size,

@@ -115,22 +115,21 @@ class Worker:
         self.config = config
         self.name = name or worker_name()
         self.batch = batch
-        self._stop = threading.Event()
 
     def run_once(self, stop: threading.Event | None = None) -> int:
         """One pass over every kind; ``stop`` ends it early (between jobs)."""
-        self._stop = stop or threading.Event()
+        stop = stop or threading.Event()
         ran = 0
         for kind in self.registry.kinds():
-            if self._stop.is_set():
+            if stop.is_set():
                 break
             if self.yield_to is not None:
                 self.yield_to(self.config.ingest_first_s)
             in_tx = self.registry.tx_handler(kind)
-            ran += self._run_in_tx(kind, *in_tx) if in_tx else self._run_batch(kind)
+            ran += self._run_in_tx(kind, *in_tx) if in_tx else self._run_batch(kind, stop)
         return ran
 
-    def _run_batch(self, kind: str) -> int:
+    def _run_batch(self, kind: str, stop: threading.Event) -> int:
         """Claim a batch and run each job's handler; the ends are recorded together, in one
         transaction, once the batch is done, or earlier when half the lease has gone by (slow
         handlers: the jobs must not be taken by another worker as abandoned) or the worker is
@@ -142,22 +141,20 @@ class Worker:
         started = time.monotonic()
         for job in claimed:
             ends.append((job, self._attempt(job, partial(handler, job))))
-            if self._stop.is_set() or time.monotonic() - started > lease_s / 2:
+            if stop.is_set() or time.monotonic() - started > lease_s / 2:
                 self._record(ends)
                 started = time.monotonic()
-                if self._stop.is_set():
+                if stop.is_set():
                     break
         self._record(ends)
         return len(claimed)
 
     def _record(self, ends: list[tuple[Job, _End]]) -> None:
-        if not ends:
-            return
-        with self.store.transaction() as tx:
-            for job, end in ends:
-                if not end(tx):  # its lease ran out and another worker took it
-                    log.warning("job_end_lost", job_id=job.job_id, kind=job.kind)
-        ends.clear()
+        if ends:
+            with self.store.transaction() as tx:
+                for job, end in ends:
+                    _end(tx, job, end)
+            ends.clear()
 
     def _run_in_tx(self, kind: str, handler: TxHandler, locks: Locks) -> int:
         """Claim a batch (committed at once, as for any kind), then handle and end each job in
@@ -171,30 +168,24 @@ class Worker:
         uncommitted job rows are held while host rows are waited for."""
         lease_s = self.config.lease_s
         claimed = self.store.claim(kind, self.name, limit=self.batch, lease_s=lease_s)
-        if not claimed:
-            return 0
-        units: list[tuple[list[Job], set[str]]] = []
+        hosts: dict[int, Sequence[str]] = {}
         failed: dict[int, _End] = {}
         for job in claimed:
             try:
-                hosts = set(locks(job))
+                hosts[job.job_id] = locks(job)
             except Exception as exc:  # a malformed payload fails its own job only
                 failed[job.job_id] = self._failed(job, exc)
-                hosts = set()
-            if units and not self.store.row_locks:
-                units[0][0].append(job)
-                units[0][1].update(hosts)
-            else:
-                units.append(([job], hosts))
-        for jobs, hosts in units:
+        batches = [[job] for job in claimed] if self.store.row_locks else [claimed]
+        for batch in batches:
+            if not batch:
+                continue
             with self.store.transaction() as tx:
-                tx.lock_hosts(sorted(hosts))
-                for job in jobs:
+                tx.lock_hosts(sorted({h for job in batch for h in hosts.get(job.job_id, ())}))
+                for job in batch:
                     end = failed.get(job.job_id) or self._attempt(
                         job, partial(_in_savepoint, tx, handler, job)
                     )
-                    if not end(tx):
-                        log.warning("job_end_lost", job_id=job.job_id, kind=job.kind)
+                    _end(tx, job, end)
         return len(claimed)
 
     def _attempt(self, job: Job, run: Callable[[], datetime | None]) -> _End:
@@ -271,3 +262,8 @@ class WorkerThread:
 def _in_savepoint(tx: Tx, handler: TxHandler, job: Job) -> datetime | None:
     with tx.savepoint():
         return handler(tx, job)
+
+
+def _end(tx: Tx, job: Job, end: _End) -> None:
+    if not end(tx):  # its lease ran out and another worker took it
+        log.warning("job_end_lost", job_id=job.job_id, kind=job.kind)
