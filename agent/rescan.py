@@ -584,8 +584,8 @@ class Rescanner(Worker):
             text = advice(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
             self.emit("integrity", [integrity_finding("rescan_failed", text)])
             return
-        self.passes += 1
         self.last_rescan = utc_now()
+        self.passes += 1  # last: whoever sees the count sees the pass's time too
         log.info(
             "rescan_finished",
             reason=reason,
