@@ -91,6 +91,7 @@ class Result:
     errors: dict[str, int] = field(default_factory=dict)
     rate_per_s: float = 0.0
     server_cpu_s: float = 0.0
+    jobs_cpu_s: float = 0.0  # of which the job process (the one at a lower priority)
     generator_cpu_s: float = 0.0
     other_cpu_s: float = 0.0  # every other process on the machine, during the run
     run_s: float = 0.0
@@ -107,15 +108,18 @@ class Result:
 # --- the collector processes -----------------------------------------------------------------
 
 
-def _cpu_s(pid: int | None) -> float:
-    """CPU seconds a collector has used so far, its worker processes' too."""
+def _cpu_s(pid: int | None) -> tuple[float, float]:
+    """CPU seconds a collector has used so far, its worker processes' too, and of those the
+    job process's (it runs niced: ``collector.serve.JOBS_NICE``)."""
     assert pid is not None
     parent = psutil.Process(pid)
-    total = 0.0
+    total = jobs = 0.0
     for proc in (parent, *parent.children(recursive=True)):
         times = proc.cpu_times()
         total += times.user + times.system
-    return total
+        if proc.nice() > 0:
+            jobs += times.user + times.system
+    return total, jobs
 
 
 def _machine_cpu_s() -> float:
@@ -250,16 +254,18 @@ def _drive(plan: Plan, collectors: list[Server], result: Result, *, prime: bool)
         _say(f"signed {sum(s['envelopes'] for s in signed)} envelopes; running")
         start_at = time.time() + 1.0
         servers = [c.proc.pid if c.proc else None for c in collectors]
-        before = [_cpu_s(pid) for pid in servers] + [_machine_cpu_s()]
+        before = [_cpu_s(pid) for pid in servers]
+        machine_before = _machine_cpu_s()
         began = time.monotonic()
         for pipe in pipes:
             pipe.send(start_at)
         outcomes: list[Outcome] = _gather(pipes, "ran", timeout_s=plan.duration_s + 300)
-        after = [_cpu_s(pid) for pid in servers] + [_machine_cpu_s()]
+        after = [_cpu_s(pid) for pid in servers]
+        machine = _machine_cpu_s() - machine_before
         result.run_s = time.monotonic() - began
-        result.server_cpu_s = sum(after[:-1]) - sum(before[:-1])
+        result.server_cpu_s = sum(a[0] for a in after) - sum(b[0] for b in before)
+        result.jobs_cpu_s = sum(a[1] for a in after) - sum(b[1] for b in before)
         result.generator_cpu_s = sum(o.cpu_s for o in outcomes)
-        machine = after[-1] - before[-1]
         result.other_cpu_s = max(0.0, machine - result.server_cpu_s - result.generator_cpu_s)
         result.load_avg = os.getloadavg()[0]
         return ingest_load.merge(outcomes)
@@ -411,14 +417,15 @@ def render(results: list[Result], before: list[dict[str, Any]], command_line: st
         "CPU during the run (the machine's other processes compete for the same two cores; "
         "*cores busy* is their CPU time over the run's wall time):",
         "",
-        "| scenario | run s | collector CPU s | collector CPU ms per request | generators CPU s "
-        "| other processes, cores busy | load average (1 min) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| scenario | run s | collector CPU s | of which the job process | collector CPU ms per "
+        "request | generators CPU s | other processes, cores busy | load average (1 min) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         per_request = 1000 * r.server_cpu_s / max(r.requests, 1)
         lines.append(
-            f"| {r.scenario} | {r.run_s:.0f} | {r.server_cpu_s:.1f} | {per_request:.2f} "
+            f"| {r.scenario} | {r.run_s:.0f} | {r.server_cpu_s:.1f} | {r.jobs_cpu_s:.1f} "
+            f"| {per_request:.2f} "
             f"| {r.generator_cpu_s:.1f} | {r.other_cpu_s / max(r.run_s, 1e-9):.2f} "
             f"| {r.load_avg:.1f} |"
         )

@@ -49,6 +49,14 @@ def transaction(store: Store) -> Iterator[SqlTx]:
         yield tx
 
 
+@contextmanager
+def reading(store: Store) -> Iterator[SqlTx]:
+    """A read-only transaction (``SqlStore.read_transaction``) for the views."""
+    assert isinstance(store, SqlStore), "the response needs the SQL store"
+    with store.read_transaction() as tx:
+        yield tx
+
+
 def _insert(tx: SqlTx, table: Table) -> Insert:
     """The dialect's INSERT, which has ``on_conflict_do_nothing``."""
     if tx.conn.dialect.name == "postgresql":

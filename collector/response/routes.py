@@ -55,7 +55,7 @@ def _host(tx: SqlTx, host_id: str) -> Host:
 def host_view(request: Request, host_id: str) -> dict[str, Any]:
     """What the host view adds: its replacement (and what blocks it), holds, break-glass
     sessions and the rails' recent decisions."""
-    with ledger.transaction(services(request).store) as tx:
+    with ledger.reading(services(request).store) as tx:
         latest = ledger.latest_replacement(tx, host_id)
         return {
             "replacement": latest.to_json() if latest else None,
@@ -77,7 +77,7 @@ def list_replacements(
     limit: int = Query(500, ge=1, le=5000),
 ) -> dict[str, Any]:
     """Replacements, newest first: ``state=blocked`` lists the hosts a rail holds, and why."""
-    with ledger.transaction(services(request).store) as tx:
+    with ledger.reading(services(request).store) as tx:
         found = ledger.list_replacements(
             tx, state=state.value if state else None, pool=pool, limit=limit
         )
@@ -88,7 +88,7 @@ def list_replacements(
 def list_holds(request: Request, _: Viewer, released: bool = False) -> dict[str, Any]:
     """Open holds (operator holds, paused pools, quarantined images); ``released=true`` adds
     the released ones."""
-    with ledger.transaction(services(request).store) as tx:
+    with ledger.reading(services(request).store) as tx:
         found = ledger.list_holds(tx, open_only=not released)
     return {"holds": [h.to_json() for h in found]}
 
@@ -102,7 +102,7 @@ def list_decisions(
     limit: int = Query(100, ge=1, le=5000),
 ) -> dict[str, Any]:
     """The rails' audit trail, newest first."""
-    with ledger.transaction(services(request).store) as tx:
+    with ledger.reading(services(request).store) as tx:
         found = ledger.list_decisions(tx, host_id=host_id, pool=pool, limit=limit)
     return {"decisions": [d.to_json() for d in found]}
 
@@ -112,7 +112,7 @@ def list_pools(request: Request, _: Viewer) -> dict[str, Any]:
     """Every configured pool: its rails, replacements in flight, blocked hosts and holds."""
     svc = services(request)
     out = []
-    with ledger.transaction(svc.store) as tx:
+    with ledger.reading(svc.store) as tx:
         for pool in svc.config.response.pools.values():
             capacity = pool.desired_capacity
             if pool.desired_capacity_from == "hosts":

@@ -117,6 +117,17 @@ class SqlStore:
         ``locked``: the caller holds the writer's turn (``lock_writer``) already."""
         return self._group_transaction(locked=locked)
 
+    @contextmanager
+    def _read_transaction(self) -> Iterator[SqlTx]:
+        with self._connect(write=False) as conn:
+            yield SqlTx(conn, self.clock(), self.insert, row_locks=False)
+
+    def read_transaction(self) -> AbstractContextManager[SqlTx]:
+        """A transaction that only reads: it takes no writer's turn and no row locks, so an
+        SRE's read never waits behind the ingest's writes (SQLite's WAL lets readers go on
+        beside the one writer). It sees what was committed when it began."""
+        return self._read_transaction()
+
     def read(self) -> AbstractContextManager[Connection]:
         """A connection for reads that need no write lock (metrics gauges, reports)."""
         return self._connect(write=False)

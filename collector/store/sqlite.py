@@ -30,6 +30,10 @@ from collector.store.sql import SqlStore
 from collector.store.tx import SqlTx
 
 BUSY_TIMEOUT_MS = 30_000
+# The database file is read through a memory map of up to this size. A transaction that follows
+# another process's commit finds its page cache invalidated and reads every page it touches
+# again; through the map those reads are memory reads, not a ``pread`` each.
+MMAP_BYTES = 1 << 30
 
 
 class SqliteStore(SqlStore):
@@ -109,6 +113,7 @@ def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = FULL")
         cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
     finally:
         cursor.close()
 

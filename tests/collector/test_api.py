@@ -4,6 +4,7 @@ error envelope on every error response, and the SRE routes."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from collector.api import create_app
 from collector.config import Config, ImageConfig, ServerConfig
 from collector.model import HostState, Role
 from collector.store import SqlStore, open_store
+from collector.store.schema import hosts
 from tests.collector.apptest import (
     AGENT,
     PUBLIC,
@@ -30,6 +32,7 @@ from tests.collector.apptest import (
 )
 from tests.collector.hosts import SimHost, file_drift
 
+READ_WAIT_S = 10.0
 BODIES: dict[str, dict[str, Any]] = {
     "/v1/tokens": {"role": "viewer", "name": "matrix"},
     "/v1/enroll-tokens": {"note": "matrix", "uses": 1},
@@ -279,3 +282,27 @@ def test_cohort_names_the_odd_host_out(
             "paths": ["/usr/bin/sudo"],
         }
     ]
+
+
+def test_reads_do_not_wait_for_the_writer(
+    client: TestClient, store: SqlStore, tokens: dict[str, str], enrolled: SimHost
+) -> None:
+    """An SRE's views answer while another process holds the database's write lock (a group
+    commit, a job): they read in a transaction of their own, which needs no writer's turn."""
+    viewer = bearer(tokens["viewer"])
+    client.post("/v1/reports", json=enrolled.batch(enrolled.finding(file_drift("/etc/shadow"))))
+    views = ["/v1/hosts/web-1", "/v1/replacements", "/v1/holds", "/v1/decisions", "/v1/pools"]
+    # another process's store, in effect: its own connections and its own lock file descriptor
+    other = open_store(store.engine.url.render_as_string(hide_password=False), pool_size=1)
+    with ThreadPoolExecutor(1) as pool:
+        other.lock_writer()
+        try:
+            with other.engine.connect() as conn, conn.begin():  # the write transaction itself
+                conn.execute(hosts.update().values(boot_id="held"))
+                reading = pool.submit(lambda: [client.get(p, headers=viewer) for p in views])
+                answers = reading.result(timeout=READ_WAIT_S)
+        finally:
+            other.unlock_writer()
+            other.close()
+    assert [a.status_code for a in answers] == [200] * len(views)
+    assert answers[0].json()["state"] == "drifted"
