@@ -1,4 +1,4 @@
-"""Serving the API: one process, or ``[server] processes`` worker processes on one socket.
+"""Serving the API: ``[server] processes`` worker processes on one socket, and a job process.
 
 The collector's Python runs on one core at a time per process, so a machine with several cores
 serves ingest with several processes. The parent binds the listening socket, brings the
@@ -8,7 +8,8 @@ connection to one of them). With ``[server] workers``, one more process runs the
 (alerts, replacements, the silence sweep), at a lower CPU priority (``JOBS_NICE``): what an
 agent waits on goes first, and the jobs a burst of drift queues run in the gaps. A job worker
 thread inside a serving process would share its interpreter lock with the event loop, which
-then waits for it at every call that lets the lock go (a signature check, a database step).
+then waits for it at every call that lets the lock go (a signature check, a database step): so
+the job worker has a process of its own even when one process serves (``processes = 1``).
 Nothing is shared in memory: everything the processes agree on lives in the database, as it
 does between replicas on PostgreSQL —
 
@@ -67,7 +68,7 @@ GC_THRESHOLDS: Final = (50_000, 20, 10)
 def run(config: Config) -> int:
     """Serve until stopped; the exit status."""
     processes = config.server.process_count()
-    if processes == 1:
+    if processes == 1 and not config.server.workers:
         _serve(config, sockets=None)
         return EXIT_OK
     open_store(config.database.url, pool_size=1).close()  # migrate once, before the workers
@@ -90,9 +91,9 @@ def run(config: Config) -> int:
 
 
 def _serve(config: Config, *, sockets: list[socket.socket] | None) -> None:
-    """One process's server: its own store, application and writer, and a job worker thread
-    when ``[server] workers`` (serving alone; with several processes the job process runs
-    it, and the workers are served with ``workers = false``)."""
+    """One process's server: its own store, application and writer. Forked, it serves with
+    ``workers = false`` (the job process runs the job worker); alone (one process, no job
+    worker), it is the collector."""
     store = open_store(
         config.database.url, pool_size=config.database.pool_size, migrate=sockets is None
     )
