@@ -42,6 +42,9 @@ class ServerConfig:
     metrics_public: bool = False
     workers: bool = True
     processes: int = 0  # 0: one per CPU core this process may run on
+    # an idle connection is kept this long: past the agents' heartbeat interval, so each agent
+    # sends every report on the connection it opened once
+    keep_alive_s: int = 75
 
     def host_port(self) -> tuple[str, int]:
         return parse_listen(self.listen)
@@ -117,6 +120,7 @@ MAX_PROCESSES: Final = 256
 _LIMITS: Final[dict[tuple[str, str], tuple[float, float]]] = {
     ("server", "max_body_bytes"): (1024, 64 * MIB),
     ("server", "processes"): (0, MAX_PROCESSES),
+    ("server", "keep_alive_s"): (1, 3600),
     ("database", "pool_size"): (1, 200),
     ("verdicts", "heartbeat_interval_s"): (0.01, 86400),
     ("verdicts", "silent_after_intervals"): (1, 1000),

@@ -30,6 +30,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import resource
 import signal
 import socket
 import sys
@@ -67,6 +68,7 @@ GC_THRESHOLDS: Final = (50_000, 20, 10)
 
 def run(config: Config) -> int:
     """Serve until stopped; the exit status."""
+    _open_files_limit()
     processes = config.server.process_count()
     if processes == 1 and not config.server.workers:
         _serve(config, sockets=None)
@@ -106,6 +108,7 @@ def _serve(config: Config, *, sockets: list[socket.socket] | None) -> None:
                 port=port,
                 log_config=None,
                 access_log=False,
+                timeout_keep_alive=config.server.keep_alive_s,
                 timeout_graceful_shutdown=GRACEFUL_S,
             )
         )
@@ -130,6 +133,16 @@ def settle_heap() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+def _open_files_limit() -> None:
+    """Raise the soft limit of open files to the hard one: every agent keeps a connection
+    open between its reports (``[server] keep_alive_s``), each a file descriptor, and the
+    usual soft limit (1024) is a tenth of a fleet this collector serves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    log.info("collector_open_files", limit=hard)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
@@ -143,7 +156,10 @@ def _bind(host: str, port: int) -> socket.socket:
 def _work(config: Config) -> None:
     """The job process: the job worker (a thread) until SIGTERM or SIGINT, which this thread
     waits for, at a lower CPU priority."""
-    os.nice(JOBS_NICE)
+    try:
+        os.nice(JOBS_NICE)
+    except OSError as exc:  # e.g. a sandbox that denies setpriority: run, at the usual priority
+        log.warning("job_priority_unchanged", nice=JOBS_NICE, error=str(exc))
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)  # the worker thread inherits it
     store = open_store(config.database.url, pool_size=2, migrate=False)
     try:

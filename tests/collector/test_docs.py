@@ -83,6 +83,42 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     assert done.stderr.strip() == "", done.stderr
 
 
+def _syscalls(name: str) -> set[str]:
+    """A system call, or every call of a ``@group`` (its nested groups too)."""
+    if not name.startswith("@"):
+        return {name}
+    listed = subprocess.run(
+        ["systemd-analyze", "syscall-filter", name],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.splitlines()[1:]  # the first line is the group's own name
+    calls: set[str] = set()
+    for line in listed:
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            calls |= _syscalls(entry)
+    return calls
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_unit_allows_what_the_collector_calls() -> None:
+    """The unit's system call filter, applied line by line as systemd does (an allow list,
+    then what ``~`` takes away, then what is given back), lets through the calls
+    ``collector.serve`` makes about resources: a denied one kills the process (SIGSYS), and
+    the collector with it."""
+    allowed: set[str] = set()
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("SystemCallFilter="):
+            value = line.removeprefix("SystemCallFilter=")
+            names = {c for n in value.removeprefix("~").split() for c in _syscalls(n)}
+            allowed = allowed - names if value.startswith("~") else allowed | names
+    # os.nice (the job process), resource.setrlimit (the open-files limit)
+    assert {"setpriority", "getpriority", "prlimit64"} <= allowed
+    assert not {"mount", "setrlimit", "sched_setscheduler", "reboot"} & allowed
+
+
 def test_collector_and_agent_units_never_share_a_state_directory() -> None:
     def state_directories(unit: Path) -> set[str]:
         lines = unit.read_text().splitlines()
