@@ -375,7 +375,8 @@ def render(results: list[Result], before: list[dict[str, Any]], command_line: st
         + (
             "connections are reused."
             if s.keep_alive
-            else "opens a new connection per report (an agent's keep-alive has expired 30 s later)."
+            else "opens a new connection per report (the collector's `[server] keep_alive_s` "
+            "closes an agent's connection between heartbeats)."
         ),
         "Latency is per request, from the moment it is sent to the end of the answer; an "
         "acknowledgement comes only after the commit (durable: SQLite `synchronous=FULL`, "

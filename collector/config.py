@@ -42,9 +42,10 @@ class ServerConfig:
     metrics_public: bool = False
     workers: bool = True
     processes: int = 0  # 0: one per CPU core this process may run on
-    # an idle connection is kept this long: past the agents' heartbeat interval, so each agent
-    # sends every report on the connection it opened once
-    keep_alive_s: int = 75
+    # an idle connection is kept this long. Shorter than the agents' heartbeat interval: an
+    # agent then connects anew for each report, and the kernel hands the connection to a
+    # worker process that is free to accept it (docs/collector.md, Processes)
+    keep_alive_s: int = 5
 
     def host_port(self) -> tuple[str, int]:
         return parse_listen(self.listen)

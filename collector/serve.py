@@ -134,9 +134,9 @@ def settle_heap() -> None:
 
 
 def _open_files_limit() -> None:
-    """Raise the soft limit of open files to the hard one: every agent keeps a connection
-    open between its reports (``[server] keep_alive_s``), each a file descriptor, and the
-    usual soft limit (1024) is a tenth of a fleet this collector serves."""
+    """Raise the soft limit of open files to the hard one: each connection is a file
+    descriptor, and the usual soft limit (1024) is less than the reports a burst from a fleet
+    of thousands has in flight, with the connections kept open (``[server] keep_alive_s``)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
