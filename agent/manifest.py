@@ -150,6 +150,9 @@ class ManifestWriter:
         self.policy_text = policy_text
         self.build_id = build_id
         self.signer = signer
+        # Looked up now, while a bake's walk is under way, not once it is done: it costs
+        # about 10 ms, and every millisecond after the last entry is one the bake waits.
+        self.tool_version = tool_version()
         self.count = 0
         self._merkle = MerkleTree()
         self._hints = hashlib.sha256()
@@ -227,7 +230,7 @@ class ManifestWriter:
             "policy_digest": self.policy.digest,
             "hash_alg": HASH_ALG,
             "created": utc_now(),
-            "tool_version": tool_version(),
+            "tool_version": self.tool_version,
             "root": self._merkle.root(),
             "entries": self.count,
             "hints_digest": self._hints.hexdigest(),

@@ -45,6 +45,8 @@ AHEAD_FILE_BYTES: Final = 4 << 20
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _NOATIME: Final = getattr(os, "O_NOATIME", 0)
 _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
+_NO_XATTRS: Final = (errno.ENOTSUP, errno.ENODATA)  # a file system without them
+_sha256: Final = hashlib.sha256
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,23 +246,35 @@ def _hash_stable(full: str, st: os.stat_result, fd: int | None = None) -> str | 
     return digest if _unchanged(st, after, count) else None
 
 
-def file_fields(path: str, st: os.stat_result, fd: int) -> Fields | None:
-    """The fields of the regular file that ``lstat`` showed as ``st``, its content and xattrs
-    read through ``fd`` (opened by ``open_ahead``; closed here): one look, all through the
-    open file. None when it was not that look's file throughout or an error came up:
-    ``measure_fields`` then measures it the careful way (again, and with a state)."""
+def read_open(st: os.stat_result, fd: int) -> tuple[str, tuple[tuple[str, bytes], ...]] | None:
+    """The digest and xattrs of the regular file that ``lstat`` showed as ``st``, read
+    through ``fd`` (opened by ``open_ahead``; closed here): one look, all through the open
+    file. None when it was not that look's file throughout or an error came up:
+    ``measure_fields`` then measures it the careful way (again, and with a state).
+    (A walk calls this for nearly every file: ``_read_small`` and ``_xattrs`` inline.)"""
+    size = st.st_size
     try:
         try:
-            digest, count = _read_small(fd, st.st_size)
+            if size > _INLINE_BYTES:
+                digest, count = _read_hash(fd, None)
+            else:
+                data = os.read(fd, size + 1)
+                digest, count = _sha256(data).hexdigest(), len(data)
             after = os.fstat(fd)
-            xattrs = _xattrs(fd)
+            try:
+                names = os.listxattr(fd)
+            except OSError as exc:
+                if exc.errno not in _NO_XATTRS:
+                    raise
+                names = []
+            xattrs = _named_xattrs(fd, names) if names else ()
         finally:
             os.close(fd)
     except OSError:
         return None
     if not _unchanged(st, after, count):
         return None
-    return _fields(path, st, "file", digest, None, xattrs, "ok")
+    return digest, xattrs
 
 
 def _read_small(fd: int, size: int) -> tuple[str, int]:
@@ -309,19 +323,26 @@ def _read_hash(fd: int, limit: int | None) -> tuple[str, int]:
 def _xattrs(target: str | int) -> tuple[tuple[str, bytes], ...]:
     """The extended attributes of the path ``target`` (never following a symlink) or of the
     open file ``target``, sorted by name."""
-    nofollow = isinstance(target, str)  # an open file has nothing to follow
     try:
-        names = os.listxattr(target, follow_symlinks=False) if nofollow else os.listxattr(target)
+        if isinstance(target, str):
+            names = os.listxattr(target, follow_symlinks=False)
+        else:  # an open file has nothing to follow
+            names = os.listxattr(target)
     except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.ENODATA):
+        if exc.errno in _NO_XATTRS:
             return ()
         raise
-    if not names:
-        return ()
+    return _named_xattrs(target, names) if names else ()
+
+
+def _named_xattrs(target: str | int, names: list[str]) -> tuple[tuple[str, bytes], ...]:
+    """The extended attributes called ``names`` of ``target`` (as ``_xattrs`` takes it),
+    sorted by name; those removed since they were listed left out."""
+    follow = not isinstance(target, str)
     out = []
     for name in sorted(names, key=lambda n: n.encode("utf-8", "surrogateescape")):
         try:
-            out.append((name, os.getxattr(target, name, follow_symlinks=not nofollow)))
+            out.append((name, os.getxattr(target, name, follow_symlinks=follow)))
         except OSError as exc:
             if exc.errno != errno.ENODATA:  # removed between list and get
                 raise

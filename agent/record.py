@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator
 from typing import Any, Final, NamedTuple
@@ -93,6 +94,32 @@ def fields_line(
     state: str,
 ) -> str:
     """The record of the entry with these fields (``measure.Fields``)."""
+    content, hints = fields_parts(
+        path, kind, mode, uid, gid, size, digest, target, hardlink, xattrs, rdev,
+        mtime_ns, ctime_ns, ino, nlink, state,
+    )  # fmt: skip
+    return content + hints
+
+
+def fields_parts(
+    path: str,
+    kind: str,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    digest: str | None,
+    target: str | None,
+    hardlink: str | None,
+    xattrs: tuple[tuple[str, bytes], ...],
+    rdev: int,
+    mtime_ns: int,
+    ctime_ns: int,
+    ino: int,
+    nlink: int,
+    state: str,
+) -> tuple[str, str]:
+    """The record of the entry with these fields as (content, hints) (``split_line``)."""
     line = (
         '{"p":'
         + _jstr(path if path.isascii() else encode_path(path))
@@ -115,13 +142,41 @@ def fields_line(
     if hardlink is not None:
         line += ',"k":' + _jstr(encode_path(hardlink))
     if xattrs:
-        pairs = ",".join(_jstr(encode_text(k)) + ':"' + b64(v) + '"' for k, v in xattrs)
-        line += ',"x":{' + pairs + "}"
+        line += _xattrs_part(xattrs)
     if rdev:
         line += f',"r":{rdev}'
     if state != "ok":
         line += f',"st":"{state}"'
-    return line + f"{HINTS_MARK}[{mtime_ns},{ctime_ns},{ino}]}}"
+    return line, f"{HINTS_MARK}[{mtime_ns},{ctime_ns},{ino}]}}"
+
+
+def file_parts(
+    path: str, st: os.stat_result, digest: str, xattrs: tuple[tuple[str, bytes], ...]
+) -> tuple[str, str]:
+    """``fields_parts`` of the regular file that ``lstat`` showed as ``st``, measured in
+    state ok (a walk's hot path: the same record, without the fields in between)."""
+    line = (
+        '{"p":'
+        + _jstr(path if path.isascii() else encode_path(path))
+        + f',"t":"f","m":"{st.st_mode & 0o7777:o}"'
+    )
+    if st.st_uid:
+        line += f',"u":{st.st_uid}'
+    if st.st_gid:
+        line += f',"g":{st.st_gid}'
+    if st.st_size:
+        line += f',"s":{st.st_size}'
+    if st.st_nlink != 1:
+        line += f',"n":{st.st_nlink}'
+    line += f',"h":"{digest}"'
+    if xattrs:
+        line += _xattrs_part(xattrs)
+    return line, f"{HINTS_MARK}[{st.st_mtime_ns},{st.st_ctime_ns},{st.st_ino}]}}"
+
+
+def _xattrs_part(xattrs: tuple[tuple[str, bytes], ...]) -> str:
+    pairs = ",".join(_jstr(encode_text(k)) + ':"' + b64(v) + '"' for k, v in xattrs)
+    return ',"x":{' + pairs + "}"
 
 
 def leaf_digest(content: bytes) -> bytes:
@@ -142,20 +197,25 @@ class Block(NamedTuple):
     @classmethod
     def of(cls, records: Iterable[tuple[str, str, bool]]) -> Block:
         """The block of these (path, record line, is_dir)."""
+        return cls.of_parts((path, *split_line(line), is_dir) for path, line, is_dir in records)
+
+    @classmethod
+    def of_parts(cls, records: Iterable[tuple[str, str, str, bool]]) -> Block:
+        """The block of these (path, content, hints, is_dir): each record's line split as
+        ``split_line`` splits it."""
         paths: list[str] = []
         dirs = bytearray()
         hints: list[str] = []
         leaves: list[bytes] = []
         lines: list[str] = []
-        for path, line, is_dir in records:
-            content, hint = split_line(line)
+        sha256 = hashlib.sha256
+        for path, content, hint, is_dir in records:
             paths.append(path)
             dirs.append(is_dir)
             hints.append(hint)
-            leaves.append(leaf_digest(content.encode()))
-            lines.append(line)
-        lines.append("")
-        data = "\n".join(lines).encode()
+            leaves.append(sha256(b"\x00" + content.encode()).digest())  # leaf_digest
+            lines.append(content + hint + "\n")
+        data = "".join(lines).encode()
         return cls(paths, bytes(dirs), data, "".join(hints).encode(), b"".join(leaves))
 
     def records(self) -> Iterator[tuple[str, str, bool]]:

@@ -51,11 +51,11 @@ from agent import record
 from agent.measure import (
     AHEAD_FILE_BYTES,
     Entry,
-    file_fields,
     full_path,
     measure_fields,
     open_ahead,
     order_key,
+    read_open,
     root_prefix,
     stat_fields,
 )
@@ -96,7 +96,10 @@ _FMT_CODES: Final = {
 }
 
 # A task's result: items in manifest order, and the directories it left for other tasks.
-#   ("E", path, line, is_dir, link)  a measured entry; link = (dev, ino) when it has others
+#   ("E", path, content, hints, is_dir, link)
+#                                    a measured entry, its record line split in two
+#                                    (``record.split_line``); link = (dev, ino) when it has
+#                                    other links
 #   ("B", block)                     measured entries without other links (``record.Block``)
 #   ("S", path, signature, is_dir)   a path seen in stat mode
 #   ("X", path, full)                the contents of directory path come from another task
@@ -219,56 +222,74 @@ class _Scanner:
         deferred: list[tuple[str, str]],
     ) -> None:
         """Walk below the directory ``path`` depth first, in manifest order, until ``budget``
-        is spent; the directories met after that are left to other tasks."""
+        is spent; the directories met after that are left to other tasks.
+
+        Every path passes through here: what ``_emit`` does is inline, and the names of a
+        directory are taken in a loop of their own, left to descend into a subdirectory."""
         spent = 0
         excluded = self.policy.excluded
         ignore = self.ignore
         reference = self.reference
         same = self.same
+        ahead = self.ahead
+        settle = self._settle
+        will_read = self._will_read
+        root_dev = self.root_dev
+        lstat = os.stat
+        S_ISREG, S_ISDIR = stat.S_ISREG, stat.S_ISDIR  # looked up once per task, not per path
         stack = [_listing(full, path, self.listed)]
         try:
             while stack:
                 names, prefix, fprefix, dir_fd = stack[-1]
-                name = next(names, None)
-                if name is None:
+                for name in names:
+                    cpath = prefix + name
+                    if excluded(cpath) or cpath in ignore:
+                        continue
+                    try:
+                        st = lstat(name, dir_fd=dir_fd, follow_symlinks=False)
+                    except OSError as exc:
+                        if exc.errno not in _GONE:
+                            raise
+                        continue
+                    mode = st.st_mode
+                    is_dir = S_ISDIR(mode)
+                    if (
+                        is_dir
+                        and st.st_dev != root_dev
+                        and self._skip_mount(cpath, fprefix + name, st, out)
+                    ):
+                        continue
+                    spent += 1
+                    if measure:  # ``_emit`` in measure mode
+                        opened = None
+                        if S_ISREG(mode) and will_read(cpath, st):
+                            size = st.st_size
+                            opened = open_ahead(name, size, dir_fd)
+                            if opened is not None:
+                                self.ahead_bytes += min(size, AHEAD_FILE_BYTES)
+                                spent += size >> 16
+                        out.append(None)  # its place, filled in by _settle
+                        ahead.append((len(out) - 1, cpath, fprefix + name, st, opened))
+                        while len(ahead) > _AHEAD_FILES or self.ahead_bytes > _AHEAD_BYTES:
+                            settle(out)
+                    else:  # ``_emit`` in stat mode
+                        hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                        signature = (_FMT_CODES.get(stat.S_IFMT(mode), "?"), st.st_size, hints)
+                        if reference is not None and reference.unchanged(cpath, signature):
+                            same.append(cpath)
+                        else:
+                            out.append(("S", cpath, signature, is_dir))
+                    if is_dir:
+                        cfull = fprefix + name
+                        if spent < budget:
+                            stack.append(_listing(cfull, cpath, self.listed))
+                            break  # into it; this directory's next names after it
+                        out.append(("X", cpath, cfull))
+                        deferred.append((cpath, cfull))
+                else:  # every name of this directory taken
                     stack.pop()
                     if dir_fd >= 0:
                         os.close(dir_fd)
-                    continue
-                cpath = prefix + name
-                if excluded(cpath) or cpath in ignore:
-                    continue
-                cfull = fprefix + name
-                try:
-                    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-                except OSError as exc:
-                    if exc.errno not in _GONE:
-                        raise
-                    continue
-                mode = st.st_mode
-                is_dir = stat.S_ISDIR(mode)
-                if (
-                    is_dir
-                    and st.st_dev != self.root_dev
-                    and self._skip_mount(cpath, cfull, st, out)
-                ):
-                    continue
-                if measure:
-                    spent += self._emit(cpath, cfull, st, measure, out, dir_fd, name)
-                else:  # ``_emit`` in stat mode, inline: a check does this for every path
-                    spent += 1
-                    hints = record.hints_suffix(st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                    signature = (_FMT_CODES.get(stat.S_IFMT(mode), "?"), st.st_size, hints)
-                    if reference is not None and reference.unchanged(cpath, signature):
-                        same.append(cpath)
-                    else:
-                        out.append(("S", cpath, signature, is_dir))
-                if is_dir:
-                    if spent < budget:
-                        stack.append(_listing(cfull, cpath, self.listed))
-                    else:
-                        out.append(("X", cpath, cfull))
-                        deferred.append((cpath, cfull))
         finally:
             for _names, _prefix, _fprefix, dir_fd in stack:
                 if dir_fd >= 0:
@@ -310,7 +331,7 @@ class _Scanner:
             return 1
         opened = None
         size = st.st_size
-        if stat.S_ISREG(mode) and self._will_read(path, size, st):
+        if stat.S_ISREG(mode) and self._will_read(path, st):
             opened = open_ahead(full, size) if dir_fd is None else open_ahead(name, size, dir_fd)
             if opened is not None:
                 self.ahead_bytes += min(size, AHEAD_FILE_BYTES)
@@ -320,11 +341,11 @@ class _Scanner:
             self._settle(out)
         return 1 + (size >> 16 if opened is not None else 0)
 
-    def _will_read(self, path: str, size: int, st: os.stat_result) -> bool:
+    def _will_read(self, path: str, st: os.stat_result) -> bool:
         """Whether measuring this regular file reads its content (not another name of a file
         read already)."""
         cap = self.policy.max_file_size_bytes
-        if (cap and size > cap) or not self.policy.wants_content(path):
+        if (cap and st.st_size > cap) or not self.policy.wants_content(path):
             return False
         return st.st_nlink < 2 or (st.st_dev, st.st_ino) not in self.links
 
@@ -334,9 +355,10 @@ class _Scanner:
         if opened is not None:
             self.ahead_bytes -= min(st.st_size, AHEAD_FILE_BYTES)
             if st.st_nlink < 2:  # the most common case: one look through the open file
-                fields = file_fields(path, st, opened)
-                if fields is not None:
-                    out[index] = ("E", path, record.fields_line(*fields), False, None)
+                look = read_open(st, opened)
+                if look is not None:
+                    content, hints = record.file_parts(path, st, *look)
+                    out[index] = ("E", path, content, hints, False, None)
                     return
                 opened = None  # closed: measured again below, the careful way
         is_dir = stat.S_ISDIR(st.st_mode)
@@ -344,12 +366,13 @@ class _Scanner:
         if listed is not None:  # the walk listed it (or could not): no need to look again
             fields = stat_fields(full, path, st, None, "ok" if listed else "unreadable")
             if fields is not None:
-                out[index] = ("E", path, record.fields_line(*fields), True, None)
+                out[index] = ("E", path, *record.fields_parts(*fields), True, None)
             return
         if st.st_nlink < 2 or is_dir:  # the common case: no Entry made, the line straight away
             fields = measure_fields(full, path, st, self.policy, hash_content=True, opened=opened)
             if fields is not None:  # else vanished: its place stays empty
-                out[index] = ("E", path, record.fields_line(*fields), fields[1] == "dir", None)
+                is_dir = fields[1] == "dir"
+                out[index] = ("E", path, *record.fields_parts(*fields), is_dir, None)
             return
         link = (st.st_dev, st.st_ino)
         entry = self._linked(path, full, st, link)
@@ -360,7 +383,8 @@ class _Scanner:
             entry = self.links[link] = Entry(*fields)
         elif opened is not None:
             os.close(opened)
-        out[index] = ("E", path, record.to_line(entry), entry.type == "dir", link)
+        content, hints = record.split_line(record.to_line(entry))
+        out[index] = ("E", path, content, hints, entry.type == "dir", link)
 
     def _linked(
         self, path: str, full: str, st: os.stat_result, link: tuple[int, int]
@@ -397,17 +421,17 @@ def _blocked(items: list[Item]) -> list[Item]:
     """``items`` with each run of measured entries that have no other links made one
     ``("B", block)``: the caller then handles a block, not every entry."""
     out: list[Item] = []
-    run: list[tuple[str, str, bool]] = []
+    run: list[tuple[str, str, str, bool]] = []
     for item in items:
-        if item[0] == "E" and item[4] is None:
-            run.append(item[1:4])
+        if item[0] == "E" and item[5] is None:
+            run.append(item[1:5])
             continue
         if run:
-            out.append(("B", Block.of(run)))
+            out.append(("B", Block.of_parts(run)))
             run = []
         out.append(item)
     if run:
-        out.append(("B", Block.of(run)))
+        out.append(("B", Block.of_parts(run)))
     return out
 
 
@@ -634,13 +658,14 @@ class Walk:
                 self.measured += len(block.paths)
                 yield block
                 continue
-            _kind, path, line, is_dir, link = item  # a file with other links
+            _kind, path, content, hints, is_dir, link = item  # a file with other links
             self.count += 1
             self.measured += 1
             first = links.setdefault(link, path)
             if first != path:
-                line = record.to_line(replace(record.from_line(line), hardlink=first))
-            yield Block.of([(path, line, is_dir)])
+                line = record.to_line(replace(record.from_line(content + hints), hardlink=first))
+                content, hints = record.split_line(line)
+            yield Block.of_parts([(path, content, hints, is_dir)])
 
     def records(self) -> Iterator[tuple[str, str, bool]]:
         """(path, record line, is_dir) for every path, in manifest order (measure mode)."""
@@ -701,7 +726,7 @@ class Walk:
             results = self._pool.map(_run_in_worker, [("paths", batch) for batch in batches])
         for items, _deferred in results:
             for item in items:
-                yield record.from_line(item[2])
+                yield record.from_line(item[2] + item[3])
 
 
 def _top_roots(roots: tuple[str, ...]) -> list[str]:

@@ -35,10 +35,11 @@ spawn and reap, CPU time and peak RSS (`ru_maxrss`, the largest single process o
 pipeline) come from its rusage. **Warm**: one warm-up run, then the median of the measured
 runs. **Cold**: `sync; echo 3 > /proc/sys/vm/drop_caches` before every measured run. MB/s is
 the tree's bytes (each inode once) over the wall time; files/s its regular-file names over
-the wall time; "speed vs" is the reference's wall time over this row's. The disk's own limit
-is `cat` of every file with two readers (the tools have two cores), and `dd` of the files
-over 1 MiB. driftwarden runs as `python -m agent` from this checkout (byte-compiled first, as an
-installed package is), `--workers 0` (one per core)."""
+the wall time; "speed vs" is the reference's wall time over this row's. The disk's limits
+are `cat` of every file with two readers (the tools have two cores; what the targets compare
+with) and, cold, with sixteen (as many reads in flight as the disk takes), and `dd` of the
+files over 1 MiB. driftwarden runs as `python -m agent` from this checkout (byte-compiled
+first, as an installed package is), `--workers 0` (one per core)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

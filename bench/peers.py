@@ -8,8 +8,9 @@
 - **sha256sum** over ``find -print0 | xargs -0 -P2``: the simple limit for hashing every file,
   and ``bench/walker.py``, the plainest two-thread Python sha256 walker.
 - **debsums -s**: verify every installed package's files against the dpkg md5sums.
-- **disk limits**: ``cat`` of every file (two readers, as the tools use two cores), ``dd`` of the
-  files over 1 MiB (sequential bandwidth), and a bare ``find -printf`` stat walk.
+- **disk limits**: ``cat`` of every file (two readers, as the tools use two cores; cold, also
+  sixteen, which keeps the disk as busy as it gets), ``dd`` of the files over 1 MiB (sequential
+  bandwidth), and a bare ``find -printf`` stat walk.
 """
 
 from __future__ import annotations
@@ -78,10 +79,13 @@ def python_walker(root: Path) -> Command:
     return Command("python sha256 walker (2 threads)", (sys.executable, str(walker), str(root)))
 
 
-def read_all(root: Path) -> Command:
+def read_all(root: Path, *, readers: int = 2) -> Command:
+    """``cat`` of every file, ``readers`` at a time: two is what the targets compare with (the
+    tools have two cores); many keep as many reads in flight as the disk takes."""
+    batch = XARGS_BATCH if readers <= 2 else XARGS_BATCH // 4
     return Command(
-        "disk: cat every file (xargs -P2)",
-        shell(f'find "$1" -type f -print0 | xargs -0 -P2 -n {XARGS_BATCH} cat >/dev/null', root),
+        f"disk: cat every file (xargs -P{readers})",
+        shell(f'find "$1" -type f -print0 | xargs -0 -P{readers} -n {batch} cat >/dev/null', root),
     )
 
 

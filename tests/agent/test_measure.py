@@ -11,16 +11,18 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent import measure
+from agent import measure, record
 from agent import walk as walk_module
 from agent.measure import Entry, measure_path, order_key
 from agent.mounts import MountTable
 from agent.policy import Policy, parse_policy
+from agent.record import Block
 from agent.walk import Walk
 from tests.agent.imagetree import at, build
 
@@ -251,6 +253,35 @@ def test_walk_is_in_manifest_order_and_matches_measure_path(root: Path, workers:
     assert paths[0] == "/" and "/opt/pkg39/sub/file" in paths
     assert len(paths) == len(set(paths))
     assert all(e == measure_path(root, e.path, pol) for e in entries)
+
+
+def test_walk_makes_the_records_measure_path_makes(root: Path) -> None:
+    """A walk writes a regular file's record straight from its look (``record.file_parts``),
+    and its Merkle leaves in blocks: the same bytes as the record of ``measure_path``'s entry,
+    for files with owners, set-id bits, xattrs, several links and names JSON must escape."""
+    tool = at(root, "/usr/bin/tool")
+    os.chown(tool, 12, 34)
+    tool.chmod(0o4755)
+    os.setxattr(tool, "user.origin", b"image-build")
+    os.setxattr(tool, "security.capability", bytes.fromhex("0100000200200000" + "00" * 12))
+    odd = at(root, "/usr/bin")
+    (odd / 'quote"back\\slash\nnewline').write_bytes(b"escaped\n")
+    (odd / "caf\u00e9-\u2603").write_bytes(b"utf-8\n")
+    (odd / os.fsdecode(b"latin-\xe9")).write_bytes(b"not utf-8\n")
+    (odd / "empty").write_bytes(b"")
+    os.link(odd / "empty", odd / "empty-again")
+    pol = policy()
+    with Walk(root, pol, workers=1) as walk:
+        blocks = list(walk.blocks())
+    records = [r for block in blocks for r in block.records()]
+    assert len(records) > 10
+    for path, line, is_dir in records:
+        entry = measure_path(root, path, pol)
+        assert entry is not None
+        assert line == record.to_line(replace(entry, hardlink=record.from_line(line).hardlink))
+        assert is_dir == (entry.type == "dir")
+    for block in blocks:
+        assert block == Block.of(block.records())  # the leaves and hints of the lines sent
 
 
 @pytest.mark.parametrize("workers", [1, 2])
