@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Final
 
 import structlog
 
@@ -46,6 +47,12 @@ from collector.model import Job
 from collector.store import Store, Tx
 
 log = structlog.get_logger(__name__)
+
+# SQLite: how long a batch of transactional jobs holds the database's one write lock before it
+# commits and lets the ingest's writers have a turn (a job started within it runs to its end).
+# A batch of 20 alerts in one transaction held it for tens of milliseconds, and the reports
+# agents waited that long.
+TX_BUDGET_S: Final = 0.010
 
 Handler = Callable[[Job], datetime | None]
 TxHandler = Callable[[Tx, Job], datetime | None]
@@ -160,8 +167,10 @@ class Worker:
         """Claim a batch (committed at once, as for any kind), then handle and end each job in
         a savepoint of a transaction, its hosts' rows locked first in host id order.
 
-        Where a write transaction locks the whole database (SQLite) the batch shares ONE
-        transaction: writers take turns, so nothing can wait on it in a cycle. Where rows are
+        Where a write transaction locks the whole database (SQLite) the batch shares a
+        transaction: writers take turns, so nothing can wait on it in a cycle. It is committed
+        after the job that takes it past ``TX_BUDGET_S``, the rest going on in the next: every
+        report waits while a job holds that lock. Where rows are
         locked (PostgreSQL) each job has a transaction of its own (its end committed with it):
         a batch would lock the rows of many hosts, pools and incidents in the order of its
         jobs, and two replicas' batches deadlocked on them. The claim commits first so that no
@@ -175,17 +184,20 @@ class Worker:
                 hosts[job.job_id] = locks(job)
             except Exception as exc:  # a malformed payload fails its own job only
                 failed[job.job_id] = self._failed(job, exc)
-        batches = [[job] for job in claimed] if self.store.row_locks else [claimed]
-        for batch in batches:
-            if not batch:
-                continue
+        position = 0
+        while position < len(claimed):
             with self.store.transaction() as tx:
-                tx.lock_hosts(sorted({h for job in batch for h in hosts.get(job.job_id, ())}))
-                for job in batch:
+                began = time.monotonic()
+                while position < len(claimed):
+                    job = claimed[position]
+                    position += 1
+                    tx.lock_hosts(sorted(hosts.get(job.job_id, ())))
                     end = failed.get(job.job_id) or self._attempt(
                         job, partial(_in_savepoint, tx, handler, job)
                     )
                     _end(tx, job, end)
+                    if self.store.row_locks or time.monotonic() - began >= TX_BUDGET_S:
+                        break
         return len(claimed)
 
     def _attempt(self, job: Job, run: Callable[[], datetime | None]) -> _End:

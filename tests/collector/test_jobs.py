@@ -4,6 +4,7 @@ silence sweep that runs as one."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -12,7 +13,7 @@ from structlog.testing import capture_logs
 
 from collector import silence
 from collector.config import JobConfig, VerdictConfig
-from collector.jobs import Registry, Worker, WorkerThread, backoff
+from collector.jobs import TX_BUDGET_S, Registry, Worker, WorkerThread, backoff
 from collector.model import HostState, Job, JobSpec, JobState
 from collector.store import SqlStore, Tx
 from tests.collector.clock import T0, Clock
@@ -151,6 +152,29 @@ def test_a_transactional_batch_commits_once_and_undoes_only_the_failing_job(
         "ConnectionError: half done"
     ]
     assert sorted(locked) == ["m0", "m1", "m2"]  # every job's host, locked up front
+
+
+def test_slow_transactional_jobs_let_the_write_lock_go_between_them(
+    sqlite_store: SqlStore,
+) -> None:
+    """SQLite: a batch's transaction is committed once it has run ``TX_BUDGET_S``, so the
+    reports waiting for the database's one write lock get a turn between slow jobs."""
+    store = sqlite_store
+
+    def slow(tx: Tx, job: Job) -> None:
+        began = time.monotonic()
+        while time.monotonic() - began < TX_BUDGET_S * 0.6:  # a job that takes its time
+            pass
+
+    registry = Registry()
+    registry.register_tx("slow", slow, locks=lambda job: [])
+    for n in range(6):
+        store.enqueue(JobSpec("slow", f"s{n}", {}))
+    commits = _commits(store)
+    assert Worker(store, registry, JobConfig(), name="w1").run_once() == 6
+    # the claim, then the six jobs two by two: the second of each pair passes the budget
+    assert commits[0] == 1 + 3
+    assert {j.state for j in store.jobs()} == {JobState.DONE}
 
 
 def test_a_batch_of_calls_out_records_its_ends_in_one_transaction(
