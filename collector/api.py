@@ -27,6 +27,7 @@ from collector.answers import error_response, exception_response
 from collector.bodylimit import BodyLimit
 from collector.config import Config
 from collector.errors import Refused, StoreError
+from collector.groupcommit import GROUP_WINDOW_S
 from collector.handlers import default_registry
 from collector.ingest import Ingestor
 from collector.jobs import Registry, Worker, WorkerThread
@@ -120,7 +121,7 @@ def create_app(
         # PostgreSQL every statement is a round trip, which the loop must not wait on: there
         # the writer is a thread, and the loop goes on while it waits for the server
         loop = asyncio.get_running_loop() if opened.backend == "sqlite" else None
-        ingestor = Ingestor(opened, config, metrics, loop=loop)
+        ingestor = Ingestor(opened, config, metrics, loop=loop, group_window_s=GROUP_WINDOW_S)
         app.state.services = Services(config, opened, metrics, ingestor)
         worker: WorkerThread | None = None
         try:

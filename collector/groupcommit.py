@@ -77,10 +77,13 @@ class GroupCommitter:
         *,
         max_group: int = MAX_GROUP,
         loop: asyncio.AbstractEventLoop | None = None,
+        window_s: float = 0.0,
     ) -> None:
         self.store = store
         self.max_group = max_group
+        self.window_s = window_s  # thread mode: how long a group's first unit waits for others
         self._loop = loop
+        self._first_at = 0.0  # thread mode: when the waiting group's first unit came
         self._waiting: deque[_Unit[Any]] = deque()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -113,7 +116,11 @@ class GroupCommitter:
                         target=self._run, name="group-commit", daemon=True
                     )
                     self._thread.start()
-                self._wake.notify()
+                if len(self._waiting) == 1:
+                    self._first_at = time.monotonic()
+                    self._wake.notify()
+                elif len(self._waiting) >= self.max_group:
+                    self._wake.notify()
         if schedule:
             assert self._loop is not None
             # requests read meanwhile join the group
@@ -251,6 +258,13 @@ class GroupCommitter:
                     self._wake.wait()
                 if not self._waiting:
                     return
+                # the group's first unit waits up to ``window_s`` for others (a full group or
+                # ``close`` ends the wait)
+                while not self._closed and len(self._waiting) < self.max_group:
+                    left = self._first_at + self.window_s - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
             self._write(self._next_group())
 
     def _write(self, group: list[_Unit[Any]], *, locked: bool = False) -> None:

@@ -56,11 +56,14 @@ class Ingestor:
         metrics: Metrics,
         *,
         loop: asyncio.AbstractEventLoop | None = None,
+        group_window_s: float = 0.0,
     ) -> None:
         self.store = store
         self.config = config
         self.metrics = metrics
-        self.committer = GroupCommitter(store, loop=loop)  # on the server's event loop
+        # on the server's event loop (SQLite), or a thread that gathers groups for
+        # ``group_window_s`` (the server on PostgreSQL)
+        self.committer = GroupCommitter(store, loop=loop, window_s=group_window_s)
         self._keys: dict[str, tuple[str, HostKey]] = {}
         # the fleet's keys, read in one query when the first report comes and loaded into
         # ``_keys`` as their hosts report: a report seldom waits for the database to learn
