@@ -8,6 +8,7 @@ import asyncio
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -104,6 +105,24 @@ def test_waiting_units_share_one_transaction_and_are_answered_after_its_commit(
     assert len(seen) == 20 and len({id(tx) for tx in seen}) == 1, "one transaction"
     assert all_answered.wait(WAIT_S)
     assert visible == {f"g-{n}": True for n in range(20)}, "answered only once committed"
+
+
+def test_a_writer_thread_with_a_window_gathers_units_that_come_apart(store: SqlStore) -> None:
+    """Thread mode with ``window_s`` (the server on PostgreSQL): a unit that comes while the
+    group's first one waits out the window joins its transaction; ``close`` ends the wait."""
+    writer = GroupCommitter(store, window_s=WAIT_S)
+    try:
+        seen: list[Tx] = []
+        first = writer.submit(insert("w-1", seen))
+        second = writer.submit(insert("w-2", seen))
+        assert not first.done()  # waiting out the window
+        began = time.monotonic()
+        writer.close()  # ends the wait: what waits is written at once, not WAIT_S later
+        assert time.monotonic() - began < WAIT_S / 2
+        assert (first.result(WAIT_S), second.result(WAIT_S)) == ("w-1", "w-2")
+        assert len(seen) == 2 and seen[0] is seen[1]  # one transaction for both
+    finally:
+        writer.close()
 
 
 def test_a_refusal_is_its_own_and_the_rest_of_the_group_commits(
