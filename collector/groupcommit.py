@@ -18,14 +18,16 @@ Refusals and errors stay each unit's own:
 Every unit names the hosts whose rows it locks; the group locks all of them first, in host id
 order, so two replicas' groups on one PostgreSQL database never deadlock on host rows.
 
-Where the writer runs: in the server, on the event loop itself (``loop=``). A writer thread
+Where the writer runs: in the server on SQLite, on the event loop itself (``loop=``). A writer
+thread
 beside the event loop would share the interpreter lock with it, and the database drivers let
 go of that lock at every statement and every row they step through; under load each of those
 hand-overs waits on the event loop's work, so a group's commit took many times its own CPU
 time, holding the database's write lock all along (SQLite: the whole collector's). On the loop,
 a group is written from start to commit without a hand-over; requests that arrive meanwhile
-wait in the socket buffers and form the next group. Without a loop (the CLI, tests calling
-``run``) a thread of its own is the writer.
+wait in the socket buffers and form the next group. Without a loop a thread of its own is the
+writer: the server's on PostgreSQL, where every statement is a round trip the loop must not sit
+through (it gathers a group for ``window_s``), and the CLI's and tests' (no window).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 MAX_GROUP: Final = 256
-# Loop mode: how long the first unit of a group waits for others. A group costs fixed work
+# How long the first unit of a group waits for others: in loop mode, and for the server's
+# writer thread (``window_s``) on PostgreSQL. A group costs fixed work
 # whatever it holds (its transaction, a statement per table, the commit and its flush to disk);
 # at a few hundred reports a second per process 10 ms gathered about three per commit, which
 # 2 ms did not. 25 ms: a serving process's CPU under the benchmark's burst fell by 14 % (17.3
@@ -118,9 +121,9 @@ class GroupCommitter:
                     self._thread.start()
                 if len(self._waiting) == 1:
                     self._first_at = time.monotonic()
-                    self._wake.notify()
+                    self._wake.notify_all()  # ``wait_idle`` callers share the condition
                 elif len(self._waiting) >= self.max_group:
-                    self._wake.notify()
+                    self._wake.notify_all()
         if schedule:
             assert self._loop is not None
             # requests read meanwhile join the group

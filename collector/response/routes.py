@@ -60,7 +60,7 @@ def host_view(request: Request, host_id: str) -> dict[str, Any]:
         return {
             "replacement": latest.to_json() if latest else None,
             "holds": [h.to_json() for h in ledger.open_holds(tx, Scope.HOST, host_id)],
-            "breakglass": [s.to_json() for s in sessions.of_host(tx, host_id)][-5:],
+            "breakglass": [s.to_json() for s in sessions.of_host(tx, host_id, lock=False)][-5:],
             "decisions": [d.to_json() for d in ledger.list_decisions(tx, host_id=host_id)][:20],
         }
 

@@ -56,12 +56,15 @@ def session_by_id(tx: SqlTx, session_id: int) -> Session | None:
     return _session(row) if row else None
 
 
-def of_host(tx: SqlTx, host_id: str, *, unended: bool = False) -> list[Session]:
+def of_host(tx: SqlTx, host_id: str, *, unended: bool = False, lock: bool = True) -> list[Session]:
+    """The host's sessions, their rows locked (``lock``) for a transaction that changes them."""
     b = breakglass.c
     query = select(breakglass).where(b.host_id == host_id).order_by(b.id)
     if unended:
         query = query.where(b.ended_at.is_(None))
-    return [_session(row) for row in tx.conn.execute(query.with_for_update())]
+    if lock:
+        query = query.with_for_update()
+    return [_session(row) for row in tx.conn.execute(query)]
 
 
 def update_session(tx: SqlTx, session_id: int, **values: Any) -> None:

@@ -120,12 +120,24 @@ class SqlStore:
     @contextmanager
     def _read_transaction(self) -> Iterator[SqlTx]:
         with self._connect(write=False) as conn:
-            yield SqlTx(conn, self.clock(), self.insert, row_locks=False)
+            self._read_only(conn, True)
+            try:
+                yield SqlTx(conn, self.clock(), self.insert, row_locks=False)
+            finally:
+                self._read_only(conn, False)
+
+    def _read_only(self, conn: Connection, on: bool) -> None:
+        """Refuse writes in this transaction (PostgreSQL: for its whole length; the backend
+        undoes it at its end)."""
+        if on:
+            conn.exec_driver_sql("SET TRANSACTION READ ONLY")
 
     def read_transaction(self) -> AbstractContextManager[SqlTx]:
-        """A transaction that only reads: it takes no writer's turn and no row locks, so an
-        SRE's read never waits behind the ingest's writes (SQLite's WAL lets readers go on
-        beside the one writer). It sees what was committed when it began."""
+        """A transaction that only reads, and refuses to write: it takes no writer's turn, so
+        an SRE's read never waits behind the ingest's writes (SQLite's WAL lets readers go on
+        beside the one writer). Its reads take no row locks (``FOR UPDATE``): a view must not
+        ask for them. On SQLite it reads one snapshot; on PostgreSQL (read committed) each
+        statement sees what was committed when it began."""
         return self._read_transaction()
 
     def read(self) -> AbstractContextManager[Connection]:

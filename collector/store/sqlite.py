@@ -104,6 +104,10 @@ class SqliteStore(SqlStore):
     def insert(self, table: Table) -> Insert:
         return insert(table)
 
+    def _read_only(self, conn: Connection, on: bool) -> None:
+        # a setting of the connection, which goes back to the pool: set, then cleared
+        conn.exec_driver_sql(f"PRAGMA query_only = {int(on)}")
+
 
 def _on_connect(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.isolation_level = None  # the driver must not begin on its own

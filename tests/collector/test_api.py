@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from collector.api import create_app
 from collector.config import Config, ImageConfig, ServerConfig
+from collector.errors import StoreError
 from collector.model import HostState, Role
 from collector.store import SqlStore, open_store
 from collector.store.schema import hosts
@@ -306,3 +307,14 @@ def test_reads_do_not_wait_for_the_writer(
             other.close()
     assert [a.status_code for a in answers] == [200] * len(views)
     assert answers[0].json()["state"] == "drifted"
+
+
+def test_a_read_transaction_refuses_to_write(store: SqlStore, enrolled: SimHost) -> None:
+    """A view's transaction is read-only: a write in it is refused, and the connection, back
+    in the pool, writes again for the next write transaction."""
+    with pytest.raises(StoreError), store.read_transaction() as tx:
+        tx.conn.execute(hosts.update().values(boot_id="written-in-a-read"))
+    for _ in range(4):  # every pooled connection, the one used above among them
+        with store.transaction() as tx:
+            tx.conn.execute(hosts.update().values(boot_id="written"))
+    assert {h.boot_id for h in store.hosts()} == {"written"}

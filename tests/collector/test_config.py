@@ -75,7 +75,10 @@ json = true
     ("text", "message"),
     [
         ("[srever]\n", "collector.toml: unknown section [srever]; known: database, images"),
-        ("[server]\ncolour = 'blue'\n", "[server] colour = 'blue': unknown key; known: keep_alive_s, listen"),
+        (
+            "[server]\ncolour = 'blue'\n",
+            "[server] colour = 'blue': unknown key; known: keep_alive_s, listen",
+        ),
         (
             "[verdicts]\nsilent_after_intervals = 'three'\n",
             "[verdicts] silent_after_intervals = 'three' is not a number",

@@ -125,6 +125,33 @@ def test_a_writer_thread_with_a_window_gathers_units_that_come_apart(store: SqlS
         writer.close()
 
 
+def test_a_writer_thread_writes_when_its_window_ends_or_its_group_is_full(
+    store: SqlStore,
+) -> None:
+    """The window ends by itself (a unit that came during it shares the transaction), and a
+    full group is written at once, without waiting the window out."""
+    writer = GroupCommitter(store, window_s=1.0)
+    try:
+        seen: list[Tx] = []
+        first = writer.submit(insert("e-1", seen))
+        assert not first.done()
+        later = threading.Timer(0.05, lambda: writer.submit(insert("e-2", seen)))
+        later.start()
+        assert first.result(WAIT_S) == "e-1"  # no close: the window ran out
+        later.join()
+        assert len(seen) == 2 and seen[0] is seen[1]
+    finally:
+        writer.close()
+    full = GroupCommitter(store, window_s=WAIT_S, max_group=2)
+    try:
+        began = time.monotonic()
+        futures = [full.submit(insert(f"f-{n}")) for n in range(2)]
+        assert [f.result(WAIT_S) for f in futures] == ["f-0", "f-1"]
+        assert time.monotonic() - began < WAIT_S / 2  # full: not the window's 30 s
+    finally:
+        full.close()
+
+
 def test_a_refusal_is_its_own_and_the_rest_of_the_group_commits(
     store: SqlStore, committer: GroupCommitter
 ) -> None:
