@@ -19,15 +19,15 @@ Every unit names the hosts whose rows it locks; the group locks all of them firs
 order, so two replicas' groups on one PostgreSQL database never deadlock on host rows.
 
 Where the writer runs: in the server on SQLite, on the event loop itself (``loop=``). A writer
-thread
-beside the event loop would share the interpreter lock with it, and the database drivers let
-go of that lock at every statement and every row they step through; under load each of those
-hand-overs waits on the event loop's work, so a group's commit took many times its own CPU
-time, holding the database's write lock all along (SQLite: the whole collector's). On the loop,
-a group is written from start to commit without a hand-over; requests that arrive meanwhile
-wait in the socket buffers and form the next group. Without a loop a thread of its own is the
-writer: the server's on PostgreSQL, where every statement is a round trip the loop must not sit
-through (it gathers a group for ``window_s``), and the CLI's and tests' (no window).
+thread beside the event loop would share the interpreter lock with it, and the database drivers
+let go of that lock at every statement and every row they step through; under load each of
+those hand-overs waits on the event loop's work, so a group's commit took many times its own
+CPU time, holding the database's write lock all along (SQLite: the whole collector's). On the
+loop, a group is written from start to commit without a hand-over; requests that arrive
+meanwhile wait in the socket buffers and form the next group. Without a loop a thread of its
+own is the writer: the server's on PostgreSQL, where every statement is a round trip the loop
+must not sit through (it gathers a group for ``window_s``), and the CLI's and tests' (no
+window).
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 MAX_GROUP: Final = 256
 # How long the first unit of a group waits for others: in loop mode, and for the server's
-# writer thread (``window_s``) on PostgreSQL. A group costs fixed work
-# whatever it holds (its transaction, a statement per table, the commit and its flush to disk);
-# at a few hundred reports a second per process 10 ms gathered about three per commit, which
-# 2 ms did not. 25 ms: a serving process's CPU under the benchmark's burst fell by 14 % (17.3
-# against 20.0 CPU-s), for 10 ms more latency at the median.
+# writer thread (``window_s``) on PostgreSQL. A group costs fixed work whatever it holds (its
+# transaction, a statement per table, the commit and its flush to disk); at a few hundred
+# reports a second per process 10 ms gathered about three per commit, which 2 ms did not.
+# 25 ms: a serving process's CPU under the benchmark's burst fell by 14 % (17.3 against 20.0
+# CPU-s), for 10 ms more latency at the median.
 GROUP_WINDOW_S: Final = 0.025
 STOP: Final = object()
 LOCK_RETRY_S: Final = 0.5

@@ -61,8 +61,9 @@ _PR_SET_PDEATHSIG: Final = 1
 # more container objects allocated than freed (Python's default is 700), an older one after 20
 # and 10 of the one below. Requests allocate thousands of short-lived containers, nearly all
 # freed by reference counting; at the default every request paid for a collection or two. A
-# young collection walks the objects allocated since the last one: its pause (a few ms at this
-# threshold) grows with the threshold, its total cost does not.
+# young collection walks the objects still alive of those allocated since the last one: its
+# pause grows with the threshold (tens of ms at this one, a few times a minute under the
+# benchmark's load), its total cost does not.
 GC_THRESHOLDS: Final = (50_000, 20, 10)
 
 
