@@ -94,8 +94,8 @@ Fields = tuple[
     int,
     str,
 ]
-"""An ``Entry``'s fields in order: ``Entry(*fields)`` is the entry, ``record.fields_line``
-its record (a walk makes the line straight from the fields)."""
+"""An ``Entry``'s fields in order: ``Entry(*fields)`` is the entry, ``record.fields_parts``
+its record's two parts (a walk makes the line straight from the fields)."""
 
 
 def full_path(root: str, path: str) -> str:

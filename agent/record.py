@@ -55,50 +55,12 @@ def _default_nlink(kind: str) -> int:
 def to_line(entry: Entry) -> str:
     """The record of ``entry`` as one line of JSON, without the newline."""
     e = entry
-    return fields_line(
-        e.path,
-        e.type,
-        e.mode,
-        e.uid,
-        e.gid,
-        e.size,
-        e.digest,
-        e.target,
-        e.hardlink,
-        e.xattrs,
-        e.rdev,
-        e.mtime_ns,
-        e.ctime_ns,
-        e.ino,
-        e.nlink,
-        e.state,
-    )
-
-
-def fields_line(
-    path: str,
-    kind: str,
-    mode: int,
-    uid: int,
-    gid: int,
-    size: int,
-    digest: str | None,
-    target: str | None,
-    hardlink: str | None,
-    xattrs: tuple[tuple[str, bytes], ...],
-    rdev: int,
-    mtime_ns: int,
-    ctime_ns: int,
-    ino: int,
-    nlink: int,
-    state: str,
-) -> str:
-    """The record of the entry with these fields (``measure.Fields``)."""
-    content, hints = fields_parts(
-        path, kind, mode, uid, gid, size, digest, target, hardlink, xattrs, rdev,
-        mtime_ns, ctime_ns, ino, nlink, state,
+    return "".join(
+        fields_parts(
+            e.path, e.type, e.mode, e.uid, e.gid, e.size, e.digest, e.target, e.hardlink,
+            e.xattrs, e.rdev, e.mtime_ns, e.ctime_ns, e.ino, e.nlink, e.state,
+        )
     )  # fmt: skip
-    return content + hints
 
 
 def fields_parts(
