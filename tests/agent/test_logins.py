@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -563,15 +564,18 @@ def test_a_burst_of_logins_across_a_rotation_loses_none(ssh_user: SshUser, tmp_p
 
         def burst() -> None:
             for _ in range(total):
-                for _attempt in range(50):  # the listener is briefly away while it re-execs
+                # The listener is away while sshd re-execs: connecting is retried until it
+                # listens again, within a deadline (a fixed count of retries ran out at once).
+                deadline = time.monotonic() + 30
+                while True:
                     try:
                         client = server.connect(password=ssh_user.password)
                         break
-                    except (paramiko.SSHException, OSError):
-                        continue
-                else:
-                    failures.append(RuntimeError("could not connect"))
-                    return
+                    except (paramiko.SSHException, OSError) as error:
+                        if time.monotonic() > deadline:
+                            failures.append(error)
+                            return
+                        time.sleep(0.05)  # a refused connect returns at once: pace the retries
                 opened.append(local_port(client))
 
         thread = threading.Thread(target=burst)
