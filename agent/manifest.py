@@ -90,6 +90,8 @@ class MerkleTree:
     def add_leaves(self, paths: list[str], dirs: bytes, leaves: bytes) -> None:
         """Add entries by their leaves (``record.leaf_digest``, 32 bytes each, one after
         another), ``dirs`` saying which are directories (``record.Block``)."""
+        if len(paths) != len(dirs) or len(leaves) != 32 * len(paths):
+            raise ValueError("a block's paths, directory flags and leaves differ in number")
         stack = self._stack
         at = 0
         for path, is_dir in zip(paths, dirs, strict=True):

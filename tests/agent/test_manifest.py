@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import random
 import shutil
 import subprocess
 from pathlib import Path
@@ -377,3 +378,74 @@ def test_the_merkle_root_is_checked_when_subtrees_are_first_asked_for(
     base = load_baseline(unsigned)
     with pytest.raises(UntrustedError, match="Merkle root does not match"):
         base.subtree_digest("/")
+
+
+def _random_tree(rng: random.Random, with_root: bool) -> list[tuple[str, bool]]:
+    """(path, is_dir) in manifest order: a directory, then its names sorted, depth first."""
+    out: list[tuple[str, bool]] = []
+
+    def fill(directory: str, depth: int) -> None:
+        names = sorted({f"{rng.choice('abcxyz')}{rng.randrange(40)}" for _ in range(6)})
+        for name in names:
+            path = directory.rstrip("/") + "/" + name
+            is_dir = depth < 4 and rng.random() < 0.3
+            out.append((path, is_dir))
+            if is_dir:
+                fill(path, depth + 1)
+
+    if with_root:
+        out.append(("/", True))
+    fill("/", 0)
+    return out
+
+
+def _reference_root(entries: list[tuple[str, bool]], leaves: list[bytes]) -> str:
+    """docs/manifest.md's formula, computed over the tree rather than in a stream."""
+    children: dict[str, list[int]] = {}
+    tops: list[int] = []
+    parents: list[str] = []  # the open directories, as in the stream
+    for index, (path, is_dir) in enumerate(entries):
+        while parents and not path.startswith("/" if parents[-1] == "/" else parents[-1] + "/"):
+            parents.pop()
+        (children.setdefault(parents[-1], []) if parents else tops).append(index)
+        if is_dir:
+            parents.append(path)
+
+    def digest(index: int) -> bytes:
+        path, is_dir = entries[index]
+        if not is_dir:
+            return leaves[index]
+        inner = b"".join(digest(child) for child in children.get(path, []))
+        return hashlib.sha256(b"\x01" + leaves[index] + inner).digest()
+
+    return hashlib.sha256(b"\x02" + b"".join(digest(i) for i in tops)).hexdigest()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_merkle_tree_fed_in_blocks_of_any_size_gives_the_reference_root(seed: int) -> None:
+    """Runs of files in one directory are digested with one update: whatever the blocks'
+    sizes, the root is the one the documented formula gives, entry by entry."""
+    rng = random.Random(seed)
+    entries = _random_tree(rng, with_root=seed % 3 != 0)
+    leaves = [record.leaf_digest(f"{path} {rng.random()}".encode()) for path, _ in entries]
+    expected = _reference_root(entries, leaves)
+    one_by_one = manifest_module.MerkleTree()
+    for (path, is_dir), leaf in zip(entries, leaves, strict=True):
+        one_by_one.add_leaves([path], bytes((is_dir,)), leaf)
+    assert one_by_one.root() == expected
+    blocks = manifest_module.MerkleTree()
+    start = 0
+    while start < len(entries):
+        end = min(len(entries), start + rng.choice((1, 2, 3, 7, 50, 1000)))
+        part = entries[start:end]
+        blocks.add_leaves(
+            [path for path, _ in part], bytes(d for _, d in part), b"".join(leaves[start:end])
+        )
+        start = end
+    assert blocks.root() == expected
+
+
+def test_merkle_tree_refuses_a_block_whose_parts_differ_in_number() -> None:
+    tree = manifest_module.MerkleTree()
+    with pytest.raises(ValueError, match="differ in number"):
+        tree.add_leaves(["/a", "/b"], b"\x00\x00", b"\x00" * 32)
