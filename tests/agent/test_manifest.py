@@ -423,8 +423,8 @@ def _reference_root(entries: list[tuple[str, bool]], leaves: list[bytes]) -> str
 
 @pytest.mark.parametrize("seed", range(12))
 def test_merkle_tree_fed_in_blocks_of_any_size_gives_the_reference_root(seed: int) -> None:
-    """Runs of files in one directory are digested with one update: whatever the blocks'
-    sizes, the root is the one the documented formula gives, entry by entry."""
+    """Fed one entry at a time or in blocks of any size (a block may end or begin anywhere
+    in a directory), the streamed root is the one the documented formula gives."""
     rng = random.Random(seed)
     entries = _random_tree(rng, with_root=seed % 3 != 0)
     leaves = [record.leaf_digest(f"{path} {rng.random()}".encode()) for path, _ in entries]
