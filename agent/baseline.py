@@ -19,7 +19,8 @@ from agent.compare import Finding, PackageFinding, compare_packages, compare_tre
 from agent.errors import EXIT_DRIFT, EXIT_OK
 from agent.imageroot import own_paths, root_dir
 from agent.manifest import Baseline, Head, load_baseline, read_head
-from agent.packages import PackageSet, read_packages
+from agent.measure import Entry
+from agent.packages import PackageFileMismatch, PackageSet, read_packages, verify_package_files
 from agent.policy import Policy, load_policy
 from agent.walk import Walk
 from agent.wire import display_path
@@ -44,10 +45,79 @@ class CheckResult:
     verified: bool
     packages: PackageSet  # the package set read from the root during the check
     own: frozenset[str] = frozenset()  # the tool's own files inside the root, not measured
+    measured_root: str = ""  # the image's Merkle root with this root's drift in it
+    vendor: VendorCheck | None = None  # package files against the vendor's digests, if asked
 
     @property
     def drift(self) -> bool:
         return any(f.drift for f in self.findings)
+
+    @property
+    def failed(self) -> bool:
+        """What the exit status says: drift, or (when asked) package files that are not the
+        vendor's where the policy expects them to be."""
+        return self.drift or (self.vendor is not None and self.vendor.counted > 0)
+
+
+@dataclass(frozen=True)
+class VendorFile:
+    """A package file that is not what its vendor shipped, judged by the policy: it
+    ``counts`` (fails the check) unless it is a configuration file, which an administrator
+    may edit on purpose, or the policy leaves its path mutable."""
+
+    mismatch: PackageFileMismatch
+    rule: str
+    kind: str
+    severity: str
+    counts: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        m = self.mismatch
+        return {
+            "type": "package_file",
+            "package": m.package,
+            "path": m.path,
+            "reason": m.reason,
+            "expected": m.expected,
+            "actual": m.actual,
+            "conffile": m.conffile,
+            "rule": self.rule,
+            "kind": self.kind,
+            "severity": self.severity,
+            "counts": self.counts,
+        }
+
+
+@dataclass(frozen=True)
+class VendorCheck:
+    """``check --verify-packages``: the package manager whose digests were used, and every
+    package-owned file that differs from them (``agent.packages.verify_package_files``)."""
+
+    manager: str
+    files: tuple[VendorFile, ...]
+
+    @property
+    def counted(self) -> int:
+        return sum(f.counts for f in self.files)
+
+
+_VENDOR_ALLOWED: Final = ("mutable", "excluded")  # policy kinds where a package file may differ
+
+
+def verify_vendor(root: Path, policy: Policy, packages: PackageSet, *, workers: int) -> VendorCheck:
+    """Hold the package-owned files under ``root`` against their vendor's digests."""
+    judged = []
+    for mismatch in verify_package_files(root, workers=workers):
+        decision = policy.decide(mismatch.path)
+        kind = "excluded" if decision.excluded else decision.kind
+        counts = not mismatch.conffile and kind not in _VENDOR_ALLOWED
+        judged.append(
+            VendorFile(
+                mismatch, decision.rule, kind, decision.severity if counts else "info", counts
+            )
+        )
+    log.info("vendor_check_finished", manager=packages.manager, differ=len(judged))
+    return VendorCheck(packages.manager, tuple(judged))
 
 
 def run_check(
@@ -60,10 +130,12 @@ def run_check(
     first_boot: bool = False,
     workers: int = 0,
     own_files: Iterable[Path] = (),
+    verify_packages: bool = False,
 ) -> CheckResult:
     """Verify the baseline (``public_key`` makes a bad or missing signature ``UntrustedError``)
     and measure ``root`` against it, files and packages. ``own_files`` (the manifest, the
-    agent's state) are not measured when they lie inside the root."""
+    agent's state) are not measured when they lie inside the root. ``verify_packages`` also
+    holds every package-owned file against its vendor's digest (``VendorCheck``)."""
     root = root_dir(root)
     ignore = own_paths(root, baseline_path, *own_files)
     if full:
@@ -84,6 +156,7 @@ def run_check(
         walk.start()  # the workers walk while this process reads the packages (and baseline)
         baseline = reference or load_baseline(baseline_path, public_key=public_key)
         current_packages = read_packages(root)
+        drifted: dict[str, Entry | None] = {}
         findings: list[Finding | PackageFinding] = list(
             compare_tree(
                 baseline,
@@ -92,9 +165,13 @@ def run_check(
                 first_boot=first_boot,
                 root=root,
                 skipped=walk.skipped,
+                drifted=drifted,
             )
         )
     findings += compare_packages(baseline.packages, current_packages, policy)
+    vendor = (
+        verify_vendor(root, policy, current_packages, workers=workers) if verify_packages else None
+    )
     result = CheckResult(
         baseline=baseline,
         policy=policy,
@@ -106,6 +183,8 @@ def run_check(
         verified=public_key is not None,
         packages=current_packages,
         own=ignore,
+        measured_root=baseline.measured_root(drifted),
+        vendor=vendor,
     )
     log.info(
         "check_finished",
@@ -128,13 +207,14 @@ def check_command(args: argparse.Namespace) -> int:
         full=args.full,
         first_boot=args.first_boot,
         workers=args.workers,
+        verify_packages=args.verify_packages,
     )
     if args.json:
         json.dump(_report(args, result), sys.stdout, ensure_ascii=False, separators=(",", ":"))
         sys.stdout.write("\n")
     else:
         _print_text(result)
-    return EXIT_DRIFT if result.drift else EXIT_OK
+    return EXIT_DRIFT if result.failed else EXIT_OK
 
 
 def _counts(findings: Iterable[Finding | PackageFinding]) -> dict[str, int]:
@@ -165,9 +245,24 @@ def _report(args: argparse.Namespace, result: CheckResult) -> dict[str, Any]:
         "first_boot": bool(args.first_boot),
         "paths": result.paths,
         "measured": result.measured,
+        "measured_root": result.measured_root,
         "summary": _counts(findings),
         "drift": result.drift,
         "findings": [f.to_wire() for f in findings],
+        **_vendor_report(result.vendor),
+    }
+
+
+def _vendor_report(vendor: VendorCheck | None) -> dict[str, Any]:
+    if vendor is None:
+        return {}
+    return {
+        "vendor": {
+            "manager": vendor.manager,
+            "differ": len(vendor.files),
+            "counted": vendor.counted,
+        },
+        "package_files": [f.to_wire() for f in vendor.files],
     }
 
 
@@ -186,6 +281,15 @@ def _print_text(result: CheckResult) -> None:
     findings = result.findings
     for finding in findings:
         print(_line(finding))
+    vendor = result.vendor
+    for file in vendor.files if vendor else ():
+        m = file.mismatch
+        status = "VENDOR" if file.counts else "allowed"
+        what = "conffile" if m.conffile else f"rule {file.rule!r} ({file.kind})"
+        print(
+            f"{status:7} {file.severity:8} {m.reason:9} {display_path(m.path)}"
+            f"  package {m.package}: not the vendor's file ({what})"
+        )
     counts = _counts(findings)
     allowed = counts["findings"] - counts["drift"]
     verdict = "DRIFT" if counts["drift"] else "clean"
@@ -193,3 +297,8 @@ def _print_text(result: CheckResult) -> None:
         f"{verdict}: {counts['drift']} drifted, {allowed} allowed changes; "
         f"{result.paths} paths, {result.measured} measured again"
     )
+    if vendor is not None:
+        print(
+            f"packages ({vendor.manager}): {len(vendor.files)} files differ from the vendor's, "
+            f"{vendor.counted} where the policy expects the vendor's"
+        )

@@ -6,7 +6,8 @@ signature ``UntrustedError``), measures the root with ``agent.baseline.run_check
 packages, re-hashing only what changed by its metadata), and shapes the ``boot`` envelope's
 body (``docs/protocol.md``). The agent's own files (the manifest, the state directory) are not
 measured when they lie inside the root.
-``measured_root`` stays empty: the walk does not build a Merkle tree of the running machine.
+``measured_root`` is the image's Merkle root with this machine's drift in it
+(``manifest.Baseline.measured_root``): the image's own root when nothing drifted.
 
 The daemon runs the check in a child process of its own interpreter (``run_apart``):
 loading the whole manifest and walking the root peaks at well over a hundred megabytes on a
@@ -136,7 +137,7 @@ def run(section: AgentSection, *, first_boot: bool, identity: Identity) -> BootC
             "signed": public_key is not None,
             "policy_override": override,
         },
-        "measured_root": "",
+        "measured_root": result.measured_root,
         "clean": clean,
         "findings": findings,
         "stats": stats,

@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-boot", action="store_true", help="apply first-boot allowances")
     p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     p.add_argument("--workers", type=int, default=0, help="hashing threads (0: one per core)")
+    p.add_argument(
+        "--verify-packages",
+        action="store_true",
+        help="also check package-owned files against the package database's digests (debsums)",
+    )
     p.set_defaults(handler=_check)
 
     p = sub.add_parser("explain", help="say which policy rule decides each PATH, and why")

@@ -213,8 +213,11 @@ def compare_tree(
     first_boot: bool,
     root: Path | None = None,
     skipped: Sequence[str] = (),
+    drifted: dict[str, Entry | None] | None = None,
 ) -> Iterator[Finding]:
     """Every finding between a baseline and a walk of the tree, in manifest order.
+    ``drifted`` (when given) is filled with what each drift finding saw: the measured entry,
+    or None for a removed path (``manifest.Baseline.measured_root``).
 
     Paths the walk found unchanged (``Same``, ``SameRun``) are not compared again. Paths in
     the baseline that the walk did not see are removed, unless they lie under one of the
@@ -241,6 +244,8 @@ def compare_tree(
         )
         if finding is not None:
             found.append(finding)
+            if drifted is not None and finding.drift:
+                drifted[item.path] = item
     if known != len(baseline):
         for run in runs:
             seen.update(run.split("\0"))
@@ -252,5 +257,7 @@ def compare_tree(
                 )
                 if finding is not None:
                     found.append(finding)
+                    if drifted is not None and finding.drift:
+                        drifted[path] = None
     found.sort(key=lambda f: order_key(f.path))
     yield from found

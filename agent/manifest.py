@@ -35,6 +35,7 @@ from agent.compact import CompactLines
 from agent.errors import ManifestError, PackageDbError, PolicyError, UntrustedError, advice
 from agent.lines import OrderedLines, line_path
 from agent.measure import HASH_ALG, Entry
+from agent.measure import order_key as record_order
 from agent.packages import PackageSet
 from agent.policy import Policy, parse_policy
 from agent.walk import Signature
@@ -343,6 +344,47 @@ class Baseline:
     def same_line(self, path: str, line: str) -> bool:
         """True when ``path`` was recorded exactly as ``line``."""
         return self._lines.get(path) == line
+
+    def measured_root(self, drifted: Mapping[str, Entry | None]) -> str:
+        """The Merkle root of this image as a host measured it: the recorded entries with the
+        ``drifted`` ones in their places (an entry: added, or replacing the recorded one;
+        None: removed). Allowed changes (mutable paths, first-boot allowances) are not in
+        ``drifted``, so a host with no drift has the image's root, and hosts that drifted the
+        same way share a root. Without drift it is the statement's root, computed from
+        nothing."""
+        if not drifted:
+            return str(self.statement["root"])
+        added = sorted((p for p in drifted if p not in self._lines), key=record_order)
+        return _merkle(_merged(self._lines.items(), drifted, added)).root()
+
+
+def _merged(
+    recorded: Iterable[tuple[str, str]], drifted: Mapping[str, Entry | None], added: list[str]
+) -> Iterator[str]:
+    """The record lines of ``recorded`` (in manifest order) with ``drifted`` applied, the
+    ``added`` paths (sorted in manifest order) put in their places."""
+    new = iter(added)
+    pending = next(new, None)
+    for path, line in recorded:
+        if pending is not None:
+            key = record_order(path)
+            while pending is not None and record_order(pending) < key:
+                yield _drifted_line(drifted[pending])
+                pending = next(new, None)
+        if path in drifted:
+            entry = drifted[path]
+            if entry is not None:
+                yield _drifted_line(entry)
+        else:
+            yield line
+    while pending is not None:
+        yield _drifted_line(drifted[pending])
+        pending = next(new, None)
+
+
+def _drifted_line(entry: Entry | None) -> str:
+    assert entry is not None, "an added path has its entry"
+    return record.to_line(entry)
 
 
 def _merkle(lines: Iterable[str]) -> MerkleTree:

@@ -5,20 +5,24 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.errors import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, EXIT_UNTRUSTED
+from agent.manifest import read_head
 from agent.wire import decode_path
 from tests.agent.imagetree import AREAS, POLICY, at, bake, build, make_key, write_policy
 
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")  # vfs cap v2, +ep
+ANY_ID = 0xFFFFFFFF  # a POSIX ACL entry's id where it names no user or group
 
 
 @dataclass
@@ -98,6 +102,18 @@ def _capability(root: Path, file: str, link: str, directory: str) -> None:
     os.setxattr(at(root, file), "security.capability", CAP_NET_RAW)
 
 
+def _acl(root: Path, file: str, link: str, directory: str) -> None:
+    # setfacl -m u:nobody:r FILE, as the kernel stores it (version 2; tag, permissions, id)
+    entries = [(0x01, 6, ANY_ID), (0x02, 4, 65534), (0x04, 4, ANY_ID), (0x10, 4, ANY_ID)]
+    entries.append((0x20, 4, ANY_ID))
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    os.setxattr(at(root, file), "system.posix_acl_access", acl)
+
+
+def _selinux_label(root: Path, file: str, link: str, directory: str) -> None:
+    os.setxattr(at(root, file), "security.selinux", b"system_u:object_r:shell_exec_t:s0\0")
+
+
 def _retarget(root: Path, file: str, link: str, directory: str) -> None:
     at(root, link).unlink()
     os.symlink("/etc/shadow", at(root, link))
@@ -136,6 +152,8 @@ MUTATIONS: dict[str, tuple[Mutation, dict[str, tuple[str, set[str]]]]] = {
     "owner": (_owner, {"F": ("modified", {"uid", "gid"})}),
     "setuid": (_setuid, {"F": ("modified", {"mode"})}),
     "capability": (_capability, {"F": ("modified", {"xattrs"})}),
+    "posix-acl": (_acl, {"F": ("modified", {"xattrs"})}),
+    "selinux-label": (_selinux_label, {"F": ("modified", {"xattrs"})}),
     "symlink-retargeted": (_retarget, {"L": ("modified", {"target"})}),
     "hardlink-added": (
         _hardlink,
@@ -568,3 +586,32 @@ def test_check_logs_without_loading_structlog_until_an_event_passes(
     finished = [e for e in events if e["event"] == "check_finished"]
     assert finished and finished[0]["service"] == "driftwarden-agent"
     assert finished[0]["level"] == "info"
+
+
+def test_measured_root_is_the_images_root_with_the_drift_in_it(
+    agent_cmd: list[str], subprocess_env: dict[str, str], image: Image
+) -> None:
+    """What the boot report sends as ``measured_root``: the image's root while nothing
+    drifted (allowed changes aside), else the root a bake of the drifted tree would have, the
+    same on every host that drifted the same way."""
+    _, clean = check(agent_cmd, subprocess_env, image)
+    image_root = clean["baseline"]["root"]
+    assert clean["measured_root"] == image_root
+    at(image.root, "/var/lib/app/new").write_text("state")  # mutable: allowed
+    _, allowed = check(agent_cmd, subprocess_env, image)
+    assert allowed["drift"] is False and allowed["measured_root"] == image_root
+
+    twin = replace(image, root=image.work / "twin")
+    shutil.copytree(image.root, twin.root, symlinks=True)
+    for root in (image.root, twin.root):
+        at(root, "/usr/bin/tool").write_bytes(b"\x7fELF patched")  # modified
+        at(root, "/usr/bin/extra").write_bytes(b"\x7fELF new")  # added
+        at(root, "/usr/share/doc/readme").unlink()  # removed
+        at(root, "/var/lib/app/new").unlink()
+    _, first = check(agent_cmd, subprocess_env, image)
+    _, second = check(agent_cmd, subprocess_env, twin)
+    assert first["drift"] is True and first["measured_root"] != image_root
+    assert second["measured_root"] == first["measured_root"]
+    rebaked = image.work / "rebaked.dwm"
+    bake(twin.root, image.policy, rebaked)
+    assert read_head(rebaked).statement["root"] == first["measured_root"]

@@ -4,6 +4,7 @@ roots, this machine's own dpkg database, and debsums as the reference for verifi
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.errors import PackageDbError
+from agent.errors import EXIT_DRIFT, EXIT_OK, PackageDbError
 from agent.packages import (
     Package,
     PackageChange,
@@ -27,6 +28,8 @@ from agent.packages import (
     read_packages,
     verify_package_files,
 )
+from tests.agent.imagetree import bake
+from tests.conftest import REPO
 
 NATIVE = subprocess.run(
     ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
@@ -764,3 +767,67 @@ def test_reads_an_apk_database(tmp_path: Path) -> None:
     installed.write_text("V:1\nA:x86_64\n")
     with pytest.raises(PackageDbError, match="line 1: package stanza without P"):
         read_packages(tmp_path)
+
+
+# --- check --verify-packages -----------------------------------------------------------------
+
+
+def test_check_verify_packages_reports_files_that_are_not_the_vendors(
+    hello: DpkgRoot, agent_cmd: list[str], subprocess_env: dict[str, str]
+) -> None:
+    """The image ships package files that are not what the vendor shipped: a program (counted:
+    the check fails), a conffile and a file under a mutable path (listed, allowed). Nothing
+    changed since the bake, so there is no drift; only the vendor check fails."""
+    image = hello
+    image.install(image.deb("cache", "1", {"/var/cache/cache/data": b"vendor data\n"}))
+    (image.root / "usr/bin/hello").write_bytes(b"#!/bin/sh\necho patched\n")
+    (image.root / "etc/hello.conf").write_bytes(b"greeting = edited\n")
+    (image.root / "var/cache/cache/data").write_bytes(b"rebuilt\n")
+    manifest = image.work / "image.dwm"
+    bake(image.root, REPO / "policies/minimal.toml", manifest)
+
+    def check(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*agent_cmd, "check", "--root", str(image.root), "--baseline", str(manifest), *extra],
+            env=subprocess_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    plain = check("--json")
+    assert plain.returncode == EXIT_OK, plain.stderr
+    assert "package_files" not in json.loads(plain.stdout)
+
+    done = check("--json", "--verify-packages")
+    assert done.returncode == EXIT_DRIFT, done.stderr
+    report = json.loads(done.stdout)
+    assert report["drift"] is False
+    assert report["vendor"] == {"manager": "dpkg", "differ": 3, "counted": 1}
+    files = {f["path"]: f for f in report["package_files"]}
+    assert {p: (f["package"], f["reason"], f["counts"]) for p, f in files.items()} == {
+        "/etc/hello.conf": ("hello", "modified", False),
+        "/usr/bin/hello": ("hello", "modified", True),
+        "/var/cache/cache/data": ("cache", "modified", False),
+    }
+    hello_bin = files["/usr/bin/hello"]
+    assert (hello_bin["expected"], hello_bin["actual"]) == (
+        md5(HELLO["/usr/bin/hello"]),
+        md5(b"#!/bin/sh\necho patched\n"),
+    )
+    assert (hello_bin["kind"], hello_bin["severity"]) == ("immutable", "warning")
+    assert files["/etc/hello.conf"]["conffile"] is True
+    assert files["/var/cache/cache/data"]["kind"] == "mutable"
+
+    text = check("--verify-packages")
+    assert text.returncode == EXIT_DRIFT
+    vendor_lines = [line for line in text.stdout.splitlines() if "not the vendor's" in line]
+    assert len(vendor_lines) == 3
+    assert [line.split()[0] for line in vendor_lines].count("VENDOR") == 1
+    assert "3 files differ from the vendor's, 1 where the policy expects" in text.stdout
+
+    (image.root / "usr/bin/hello").write_bytes(HELLO["/usr/bin/hello"])  # put back: now drift
+    again = json.loads(check("--json", "--verify-packages").stdout)
+    assert again["drift"] is True
+    assert again["vendor"]["counted"] == 0
