@@ -157,8 +157,10 @@ class Ingestor:
 
     def _key_mismatch(self, tx: Tx, host: Host, key_id: str, token: EnrollToken) -> Refused:
         """A new key for a known host, not allowed by an operator: refused, and the attempt is
-        evidence (a finding and a warning page, once per new key). The host's state, key, pool
-        and facts stay as they are: holding a token must not be enough to take a host over."""
+        evidence of tampering (the host's state was wiped or cloned, or someone poses as it):
+        once per new key, a finding, and the host becomes suspect (or, if it is past that, a
+        warning page). Its key, pool and facts stay as they are, so holding a token is not
+        enough to take a host over, and the real host goes on reporting under its key."""
         evidence = {
             "reason": "key_mismatch",
             "enrolled_key_id": host.key_id,
@@ -169,7 +171,11 @@ class Ingestor:
         if host.refused_key_id != key_id:
             tx.update_host(host.host_id, {"refused_key_id": key_id})
             tx.add_findings([_integrity(host.host_id, tx.now, "warning", evidence)])
-            tx.enqueue(verdicts.warning(host, "key_mismatch", evidence))
+            moved = transitions.apply(
+                tx, host, Observation(Signal.SUSPECT, "key_mismatch", evidence)
+            )
+            if moved.state is host.state:  # suspect already, or being replaced: page anyway
+                tx.enqueue(verdicts.warning(host, "key_mismatch", evidence))
         return self._refuse(
             409,
             "key_mismatch",
@@ -408,8 +414,9 @@ class Ingestor:
         return host
 
     def _image_check(self, tx: Tx, boot: bodies.BootImage) -> list[Observation]:
-        """A boot on an image nobody registered, or on a baseline that is not the registered
-        one, is drift: the authoritative baseline lives here, not on the host."""
+        """A boot on an image nobody registered, on a baseline that is not the registered one,
+        or whose measurement is not the registered root, is drift: the authoritative baseline
+        lives here, not on the host."""
         image = tx.image(boot.build_id)
         if image is None:
             if not self.config.images.require_registered:
@@ -423,6 +430,14 @@ class Ingestor:
                 "baseline_root": boot.baseline_root,
             }
             return [Observation(Signal.DRIFT, "baseline_mismatch", evidence)]
+        if boot.measured_root and boot.measured_root != image.root:
+            # the image's root with the host's drift in it (an older agent sends none)
+            evidence = {
+                "build_id": boot.build_id,
+                "registered_root": image.root,
+                "measured_root": boot.measured_root,
+            }
+            return [Observation(Signal.DRIFT, "measurement_mismatch", evidence)]
         return []
 
     def _refuse(self, status: int, code: str, message: str, **details: Any) -> Refused:

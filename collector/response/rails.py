@@ -46,7 +46,9 @@ log = structlog.get_logger(__name__)
 
 STORM_CAUSE: Final = "drift_storm"
 QUARANTINE_CAUSE: Final = "image_quarantined"
-IMAGE_DRIFT_CAUSES: Final = frozenset({"drift", "baseline_mismatch", "image_unregistered"})
+IMAGE_DRIFT_CAUSES: Final = frozenset(
+    {"drift", "baseline_mismatch", "measurement_mismatch", "image_unregistered"}
+)
 BREAKER: Final = "storm-breaker"
 QUARANTINE: Final = "image-quarantine"
 _INSTANT: Final = timedelta(microseconds=1)

@@ -16,7 +16,7 @@ from collector.config import Config
 from collector.model import HostState
 from collector.response.replace import instance_id
 from collector.store import SqlStore
-from collector.verdicts import ALERT
+from collector.verdicts import ALERT, REPLACE
 from tests.collector.apptest import assert_error, bearer
 from tests.collector.hosts import SimHost
 
@@ -53,33 +53,43 @@ def test_the_pool_is_the_enrollment_tokens_not_the_hosts_claim(
         auth.create_enroll_token(store, pool="web pool")
 
 
-def test_a_new_key_for_a_known_host_is_refused_recorded_and_changes_nothing(
+def test_a_new_key_for_a_known_host_is_refused_and_makes_it_suspect(
     client: TestClient, store: SqlStore, enroll_token: str
 ) -> None:
     sim = SimHost()
     assert enroll(client, sim, enroll_token).status_code == 201
-    assert send(client, sim, sim.agent_start(), sim.heartbeat()).status_code == 200
+    assert send(client, sim, sim.agent_start(), sim.boot(), sim.heartbeat()).status_code == 200
     before = store.host(sim.host_id)
-    assert before is not None
+    assert before is not None and before.state is HostState.CLEAN
     intruder = SimHost(host_id=sim.host_id, pool="db")
     for _ in range(2):  # a retry records nothing new
         details = assert_error(enroll(client, intruder, enroll_token), 409, "key_mismatch")
         assert details == {}
     after = store.host(sim.host_id)
     assert after is not None
-    assert (after.state, after.key_id, after.pool, after.hostname) == (
-        before.state,
+    # evidence of tampering: suspect, but the key, pool and facts are not the intruder's
+    assert after.state is HostState.SUSPECT and after.state_cause == "key_mismatch"
+    assert (after.key_id, after.pool, after.hostname) == (
         before.key_id,
         before.pool,
         before.hostname,
     )
+    [move] = [t for t in store.transitions(sim.host_id) if t.cause == "key_mismatch"]
+    assert (move.from_state, move.to_state) == (HostState.CLEAN, HostState.SUSPECT)
     [finding] = [f for f in store.findings(sim.host_id) if f.type == "integrity"]
     assert finding.severity == "warning" and finding.detail["reason"] == "key_mismatch"
     assert finding.detail["refused_key_id"] == after.refused_key_id != after.key_id
     [alert] = store.jobs(kind=ALERT)
-    assert alert.payload["cause"] == "key_mismatch" and alert.payload["severity"] == "warning"
-    # the real host goes on reporting under its key
-    assert send(client, sim, sim.heartbeat()).json()["last_seq"] == 3
+    assert alert.payload["cause"] == "key_mismatch" and alert.payload["severity"] == "critical"
+    assert [j.payload["host_id"] for j in store.jobs(kind=REPLACE)] == [sim.host_id]
+    # the real host goes on reporting under its key, and stays suspect
+    assert send(client, sim, sim.heartbeat()).json()["last_seq"] == 4
+    assert store.host(sim.host_id).state is HostState.SUSPECT  # type: ignore[union-attr]
+    # another new key for a host that is suspect already: recorded; its page is the one open
+    other = SimHost(host_id=sim.host_id)
+    assert_error(enroll(client, other, enroll_token), 409, "key_mismatch")
+    assert len([f for f in store.findings(sim.host_id) if f.type == "integrity"]) == 2
+    assert len(store.jobs(kind=ALERT)) == 1
 
 
 def test_an_operator_allows_a_rekey_and_the_chain_restarts(

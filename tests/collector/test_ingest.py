@@ -279,18 +279,22 @@ def test_images_must_be_registered_and_match(
         Image("img-1", SimHost().root, "ed25519:00", "sha256:00", "2024", store.clock(), {})
     )
     good, unregistered, swapped = SimHost(), SimHost(build_id="img-x"), SimHost()
-    for sim in (good, unregistered, swapped):
+    measured = SimHost()
+    for sim in (good, unregistered, swapped, measured):
         enroll(strict_client, sim, enroll_token)
     send(strict_client, good, good.agent_start(), good.boot())
     send(strict_client, unregistered, unregistered.agent_start(), unregistered.boot())
     send(strict_client, swapped, swapped.agent_start(), swapped.boot(baseline_root="cd" * 32))
-    states = {h: store.host(h.host_id) for h in (good, unregistered, swapped)}
+    send(strict_client, measured, measured.agent_start(), measured.boot(measured_root="ef" * 32))
+    states = {h: store.host(h.host_id) for h in (good, unregistered, swapped, measured)}
     assert (states[good].state, states[good].state_cause) == (  # type: ignore[union-attr]
         HostState.CLEAN,
         "boot_clean",
     )
     assert states[unregistered].state_cause == "image_unregistered"  # type: ignore[union-attr]
     assert states[swapped].state_cause == "baseline_mismatch"  # type: ignore[union-attr]
+    assert states[measured].state_cause == "measurement_mismatch"  # type: ignore[union-attr]
+    assert states[measured].state is HostState.DRIFTED  # type: ignore[union-attr]
 
 
 def test_a_stored_report_body_round_trips(
