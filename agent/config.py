@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -230,9 +231,17 @@ def _section(cls: type[Any], table: Any, where: str, name: str) -> Any:
     return cls(**values)
 
 
+_URL_PASSWORD: Final = re.compile(r"(://[^/@\s'\"]*?:)[^/@\s'\"]*@")
+
+
+def _shown(value: Any) -> str:
+    """``value`` as an error message quotes it, a URL's password masked (``u:***@host``)."""
+    return _URL_PASSWORD.sub(r"\1***@", repr(value))
+
+
 def _value(spec: dataclasses.Field[Any], raw: Any, ctx: str) -> Any:
     kind = spec.type if isinstance(spec.type, str) else str(spec.type)
-    shown = "'***'" if kind == "Secret" else repr(raw)
+    shown = "'***'" if kind == "Secret" else _shown(raw)
     if kind == "Secret":
         if not isinstance(raw, str):
             raise ConfigError(f"{ctx} = {shown} is not a string")
@@ -323,10 +332,10 @@ def _check_url(url: str, where: str) -> None:
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.scheme not in ("https", "http") or not host:
-        raise ConfigError(f"{where}: [collector] url = {url!r} is not an http(s) URL")
+        raise ConfigError(f"{where}: [collector] url = {_shown(url)} is not an http(s) URL")
     if parts.scheme == "http" and not _loopback(host):
         raise ConfigError(
-            f"{where}: [collector] url = {url!r}: plain http is allowed only to a loopback "
+            f"{where}: [collector] url = {_shown(url)}: plain http is allowed only to a loopback "
             "address; use https"
         )
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
@@ -167,7 +168,7 @@ def from_mapping(data: dict[str, Any], *, source: str = "config") -> Config:
                 f" (and the response's: {', '.join(response_config.KEYS)})"
             )
         if not isinstance(value, dict):
-            raise ConfigError(f"{source}: [{name}] must be a table, not {value!r}")
+            raise ConfigError(f"{source}: [{name}] must be a table, not {_shown(value)}")
         sections[name] = _section(source, name, SECTIONS[name], value)
     config = Config(**sections, source=source)
     _check(config, source)
@@ -177,12 +178,20 @@ def from_mapping(data: dict[str, Any], *, source: str = "config") -> Config:
     return config.replace(response=response)
 
 
+_URL_PASSWORD: Final = re.compile(r"(://[^/@\s'\"]*?:)[^/@\s'\"]*@")
+
+
+def _shown(value: Any) -> str:
+    """``value`` as an error message quotes it, a URL's password masked (``u:***@host``)."""
+    return _URL_PASSWORD.sub(r"\1***@", repr(value))
+
+
 def _section(source: str, name: str, cls: type[Any], values: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        where = f"{source}: [{name}] {key} = {value!r}"
+        where = f"{source}: [{name}] {key} = {_shown(value)}"
         if key not in known:
             raise ConfigError(f"{where}: unknown key; known: {', '.join(sorted(known))}")
         kwargs[key] = _coerce(where, hints[key], value)

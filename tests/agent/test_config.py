@@ -104,6 +104,15 @@ def test_the_token_never_shows(tmp_path: Path) -> None:
     assert repr(Secret("")) == "Secret('')"
 
 
+@pytest.mark.parametrize(
+    "url", ["ftp://agent:hunter2@collector.internal/", "http://agent:hunter2@10.0.0.5:8080"]
+)
+def test_a_password_in_the_collector_url_never_shows(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, f'[collector]\nurl = "{url}"\n'))
+    assert "hunter2" not in str(info.value) and "agent:***@" in str(info.value)
+
+
 def test_token_file(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("from-a-file\n")

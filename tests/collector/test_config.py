@@ -111,3 +111,18 @@ def test_pipeline_keys_must_be_ed25519_pem(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         config.load(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[database]\nuri = "postgresql://dw:hunter2@db.internal/dw"\n',
+        'database = "postgresql://dw:hunter2@db.internal/dw"\n',
+        '[database]\nurl = ["postgresql://dw:hunter2@db.internal/dw"]\n',
+    ],
+)
+def test_a_database_password_never_shows_in_an_error(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, text))
+    assert "hunter2" not in str(info.value)
+    assert "postgresql://dw:***@db.internal/dw" in str(info.value)
