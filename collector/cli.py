@@ -281,11 +281,21 @@ def _db_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help="database URL (overrides [database] url)")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _api_options(*, nested: bool = False) -> argparse.ArgumentParser:
+    """The options of every command that talks to the API. ``nested``: for a command's own
+    subcommand (``images register``), whose defaults must not undo what was given before it."""
     api = argparse.ArgumentParser(add_help=False)
-    api.add_argument("--url", help=f"collector URL (env DRIFTWARDEN_URL; default {DEFAULT_URL})")
-    api.add_argument("--token", help="SRE token (env DRIFTWARDEN_TOKEN)")
-    api.add_argument("--json", action="store_true", help="print the API's JSON")
+    unset: dict[str, Any] = {"default": argparse.SUPPRESS} if nested else {}
+    api.add_argument(
+        "--url", help=f"collector URL (env DRIFTWARDEN_URL; default {DEFAULT_URL})", **unset
+    )
+    api.add_argument("--token", help="SRE token (env DRIFTWARDEN_TOKEN)", **unset)
+    api.add_argument("--json", action="store_true", help="print the API's JSON", **unset)
+    return api
+
+
+def build_parser() -> argparse.ArgumentParser:
+    api = _api_options()
 
     parser = argparse.ArgumentParser(
         prog="driftwarden",
@@ -348,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("images", parents=[api], help="registered images; images register FILE")
     p.set_defaults(handler=_images, images_command=None)
     isub = p.add_subparsers(dest="images_command", metavar="ACTION")
-    r = isub.add_parser("register", parents=[api], help="register a baked manifest's statement")
+    r = isub.add_parser(
+        "register",
+        parents=[_api_options(nested=True)],
+        help="register a baked manifest's statement",
+    )
     r.add_argument("manifest", type=Path, metavar="MANIFEST")
     r.add_argument("--pubkey", type=Path, action="append", help="also verify locally with this key")
 

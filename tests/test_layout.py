@@ -3,8 +3,11 @@ imports collector; agent.wire uses the standard library only."""
 
 from __future__ import annotations
 
+import argparse
 import ast
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,3 +55,29 @@ def test_every_agent_command_is_documented() -> None:
     readme = (REPO / "README.md").read_text()
     missing = [name for name in commands if f"driftwarden-agent {name}" not in readme]
     assert not missing, f"README.md does not document: {missing}"
+
+
+def _options(parser: argparse.ArgumentParser, command: str = "") -> Iterator[tuple[str, str]]:
+    """(command, --option) for every option of ``parser`` and its subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, f"{command} {name}".strip())
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                yield command, option
+
+
+def test_every_option_is_documented() -> None:
+    from agent.cli import build_parser as agent_parser
+    from collector.cli import build_parser as collector_parser
+
+    docs = "".join(p.read_text() for p in [REPO / "README.md", *(REPO / "docs").glob("*.md")])
+    tools = (("driftwarden-agent", agent_parser()), ("driftwarden", collector_parser()))
+    missing = [
+        f"{tool} {command} {option}"
+        for tool, parser in tools
+        for command, option in _options(parser)
+        if not re.search(re.escape(option) + r"(?![\w-])", docs)
+    ]
+    assert not missing, f"options no document names: {missing}"

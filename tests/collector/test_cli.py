@@ -100,6 +100,10 @@ def test_images_register_reads_only_the_statement(world: dict[str, Any]) -> None
     assert refused.returncode == 2 and "bad_signature" in refused.stderr
     local = run("images", "register", str(forged), "--pubkey", str(world["pub"]), env=world["env"])
     assert local.returncode == 2 and "does not verify" in local.stderr
+    # the API's options may come before the subcommand too (nothing in the environment)
+    url, token = world["env"]["DRIFTWARDEN_URL"], world["env"]["DRIFTWARDEN_TOKEN"]
+    again = ok("images", "--url", url, "--token", token, "--json", "register", str(manifest))
+    assert json.loads(again)["build_id"] == "img-9"
     garbage = world["tmp"] / "garbage.dwm"
     garbage.write_bytes(b"not gzip")
     assert "cannot read manifest statement" in run("images", "register", str(garbage)).stderr
