@@ -15,6 +15,23 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   fi
 fi
 
+# The PostgreSQL tests need a server on 127.0.0.1:5432 with a database "test" that user
+# postgres reaches without a password; where none answers, set up Debian's (a test machine).
+if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if ! dpkg-query -W -f='${Status}' postgresql 2>/dev/null | grep -q "ok installed"; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
+  fi
+  version=$(ls /etc/postgresql | sort -V | tail -1)
+  hba=/etc/postgresql/$version/main/pg_hba.conf
+  grep -q "^host all postgres 127.0.0.1/32 trust" "$hba" \
+    || sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+  pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null \
+    || pg_ctlcluster --skip-systemctl-redirect "$version" main reload
+  su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname = 'test'\"" | grep -q 1 \
+    || su postgres -c "createdb test"
+fi
+
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[dev]'

@@ -7,6 +7,7 @@ import threading
 from datetime import timedelta
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
@@ -14,7 +15,7 @@ from agent import wire
 from collector import auth, transitions
 from collector.errors import ConfigError, StoreError
 from collector.model import HostState, Image, JobSpec, JobState, Role
-from collector.store import SqlStore, open_store
+from collector.store import SqlStore, migrate, open_store
 from collector.store.schema import metadata
 from collector.verdicts import Observation, Signal
 from tests.collector.clock import T0, Clock
@@ -32,6 +33,53 @@ def test_schema_is_migrated_and_matches_the_model(store: SqlStore, db_url: str) 
         assert again.schema_revision() == (head, head)
     finally:
         again.close()
+
+
+def test_a_database_of_an_older_schema_is_upgraded_in_place_keeping_its_rows(
+    store: SqlStore, db_url: str, clock: Clock
+) -> None:
+    """A collector started on a database an older release made upgrades it where it stands:
+    every revision after the first, applied to a database that holds a fleet."""
+    add_host(store, "h1", state=HostState.DRIFTED)
+    with store.transaction() as tx:
+        tx.enqueue(JobSpec("alert", "firing:h1:drift", {"host_id": "h1"}))
+    token, _ = auth.create_enroll_token(store, note="rack 4")
+    with store.engine.begin() as conn:
+        command.downgrade(migrate.alembic_config(conn), "0001")
+    old = open_store(db_url, migrate=False)
+    try:
+        assert old.schema_revision()[0] == "0001"
+    finally:
+        old.close()
+    upgraded = open_store(db_url)
+    try:
+        current, head = upgraded.schema_revision()
+        assert current == head != "0001"
+        with upgraded.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+        host = upgraded.host("h1")
+        assert host is not None
+        assert (host.state, host.key_id, host.pool, host.enrolled_at) == (
+            HostState.DRIFTED,
+            "ed25519:0",
+            "web",
+            T0,
+        )
+        assert host.rekey_allowed_by is None and host.refused_key_id is None  # added by 0003
+        assert [j.dedup_key for j in upgraded.jobs()] == ["firing:h1:drift"]
+        with upgraded.transaction() as tx:
+            live = tx.live_enroll_token(auth.token_hash(token))
+        assert live is not None and live.note == "rack 4" and live.pool is None
+    finally:
+        upgraded.close()
+
+
+def test_sqlite_is_durable_in_wal_mode(sqlite_store: SqlStore) -> None:
+    """Readers beside the one writer (WAL), and a commit is on disk before it is answered."""
+    with sqlite_store.read() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
 def test_unknown_scheme_lists_valid_ones() -> None:

@@ -13,7 +13,7 @@ POLICIES = sorted((Path(__file__).resolve().parents[2] / "policies").glob("*.tom
 
 
 def test_policies_are_shipped() -> None:
-    assert {p.name for p in POLICIES} >= {"minimal.toml"}
+    assert {p.name for p in POLICIES} >= {"minimal.toml", "debian-server.toml"}
 
 
 @pytest.mark.parametrize("path", POLICIES, ids=lambda p: p.name)
