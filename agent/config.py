@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from agent import wire
 from agent.errors import ConfigError
 from agent.guard import BACKENDS, GuardConfig
 from agent.pkgwatch import PackageWatchConfig
@@ -231,12 +231,9 @@ def _section(cls: type[Any], table: Any, where: str, name: str) -> Any:
     return cls(**values)
 
 
-_URL_PASSWORD: Final = re.compile(r"(://[^/@\s'\"]*?:)[^/@\s'\"]*@")
-
-
 def _shown(value: Any) -> str:
     """``value`` as an error message quotes it, a URL's password masked (``u:***@host``)."""
-    return _URL_PASSWORD.sub(r"\1***@", repr(value))
+    return repr(wire.redact_urls(value))
 
 
 def _value(spec: dataclasses.Field[Any], raw: Any, ctx: str) -> Any:

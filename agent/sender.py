@@ -258,7 +258,7 @@ class Enrollment:
             raise SpoolError(
                 f"cannot record the enrollment: {advice(exc)}", path=self._path
             ) from exc
-        log.info("enrolled", url=self._client.url, key_id=self.key_id, **tip)
+        log.info("enrolled", url=wire.redact_urls(self._client.url), key_id=self.key_id, **tip)
         if self._token_file is not None:
             log.info(
                 "enroll_token_file_spent",
@@ -367,7 +367,7 @@ class Sender(threading.Thread):
     # --- the thread ------------------------------------------------------------------------
 
     def run(self) -> None:
-        log.info("sender_started", url=self._client.url)
+        log.info("sender_started", url=wire.redact_urls(self._client.url))
         while not self._stop_event.is_set():
             self._work.clear()
             try:

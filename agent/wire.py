@@ -96,6 +96,23 @@ _CANONICAL = json.JSONEncoder(
 )
 
 
+_URL_USERINFO: Final = re.compile(r"(://[^:/?#@\s]*:).*@")
+
+
+def redact_urls(value: Any) -> Any:
+    """``value`` (a string, or lists and tables of them) as a log or an error may show it: the
+    password of every URL in it masked, ``scheme://user:***@host…``. Everything up to the
+    last ``@`` is taken as the password, so a password with ``@``, ``/`` or quotes never
+    shows; an ``@`` later in a URL without a password over-masks, which is the safe side."""
+    if isinstance(value, str):
+        return _URL_USERINFO.sub(r"\1***@", value) if "@" in value else value
+    if isinstance(value, list | tuple):
+        return [redact_urls(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_urls(v) for k, v in value.items()}
+    return value
+
+
 def canonical(obj: Any) -> bytes:
     """The one byte form that is signed and hashed: sorted keys, no spaces, UTF-8, no NaN."""
     return _CANONICAL.encode(obj).encode("utf-8")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tomllib
 import types
 import typing
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from agent import wire
 from collector.errors import ConfigError
 from collector.keys import load_public_key
 from collector.response import config as response_config
@@ -178,12 +178,9 @@ def from_mapping(data: dict[str, Any], *, source: str = "config") -> Config:
     return config.replace(response=response)
 
 
-_URL_PASSWORD: Final = re.compile(r"(://[^/@\s'\"]*?:)[^/@\s'\"]*@")
-
-
 def _shown(value: Any) -> str:
     """``value`` as an error message quotes it, a URL's password masked (``u:***@host``)."""
-    return _URL_PASSWORD.sub(r"\1***@", repr(value))
+    return repr(wire.redact_urls(value))
 
 
 def _section(source: str, name: str, cls: type[Any], values: dict[str, Any]) -> Any:

@@ -158,3 +158,26 @@ def test_statement_signature(key: Ed25519PrivateKey) -> None:
         wire.verify_statement({**signed, "root": "cd" * 32}, key.public_key())
     with pytest.raises(wire.BadSignatureError, match="not signed"):
         wire.verify_statement(statement, key.public_key())
+
+
+@pytest.mark.parametrize(
+    ("shown", "masked"),
+    [
+        ("postgresql://dw:hunter2@db:5432/x", "postgresql://dw:***@db:5432/x"),
+        ("postgresql://dw:it's hunter2@db/x", "postgresql://dw:***@db/x"),
+        ("postgresql://dw:hunter2@at@db/x", "postgresql://dw:***@db/x"),
+        ("postgresql://dw:hunter2/x@db/x", "postgresql://dw:***@db/x"),
+        ("postgresql://dw:hunter2%40@[::1]:5432/x", "postgresql://dw:***@[::1]:5432/x"),
+        ("https://:hunter2@collector/", "https://:***@collector/"),
+        ("postgresql://db/x", "postgresql://db/x"),
+        (
+            "sqlite:///var/lib/driftwarden/collector.db",
+            "sqlite:///var/lib/driftwarden/collector.db",
+        ),
+        ("ops@example.org", "ops@example.org"),
+    ],
+)
+def test_a_urls_password_never_shows(shown: str, masked: str) -> None:
+    assert wire.redact_urls(shown) == masked
+    assert wire.redact_urls([shown, 7]) == [masked, 7]
+    assert wire.redact_urls({"url": shown}) == {"url": masked}
