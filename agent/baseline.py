@@ -63,7 +63,8 @@ class CheckResult:
 class VendorFile:
     """A package file that is not what its vendor shipped, judged by the policy: it
     ``counts`` (fails the check) unless it is a configuration file, which an administrator
-    may edit on purpose, or the policy leaves its path mutable."""
+    may edit on purpose, or the policy does not hold its path to its content (mutable,
+    excluded, a rule that leaves content out, a first-boot path on the first boot)."""
 
     mismatch: PackageFileMismatch
     rule: str
@@ -104,13 +105,20 @@ class VendorCheck:
 _VENDOR_ALLOWED: Final = ("mutable", "excluded")  # policy kinds where a package file may differ
 
 
-def verify_vendor(root: Path, policy: Policy, packages: PackageSet, *, workers: int) -> VendorCheck:
+def verify_vendor(
+    root: Path, policy: Policy, packages: PackageSet, *, first_boot: bool, workers: int
+) -> VendorCheck:
     """Hold the package-owned files under ``root`` against their vendor's digests."""
     judged = []
     for mismatch in verify_package_files(root, workers=workers):
         decision = policy.decide(mismatch.path)
         kind = "excluded" if decision.excluded else decision.kind
-        counts = not mismatch.conffile and kind not in _VENDOR_ALLOWED
+        held = (
+            kind not in _VENDOR_ALLOWED
+            and "content" in decision.attributes
+            and not (first_boot and kind == "first_boot")
+        )
+        counts = held and not mismatch.conffile
         judged.append(
             VendorFile(
                 mismatch, decision.rule, kind, decision.severity if counts else "info", counts
@@ -170,7 +178,9 @@ def run_check(
         )
     findings += compare_packages(baseline.packages, current_packages, policy)
     vendor = (
-        verify_vendor(root, policy, current_packages, workers=workers) if verify_packages else None
+        verify_vendor(root, policy, current_packages, first_boot=first_boot, workers=workers)
+        if verify_packages
+        else None
     )
     result = CheckResult(
         baseline=baseline,
@@ -248,6 +258,7 @@ def _report(args: argparse.Namespace, result: CheckResult) -> dict[str, Any]:
         "measured_root": result.measured_root,
         "summary": _counts(findings),
         "drift": result.drift,
+        "failed": result.failed,
         "findings": [f.to_wire() for f in findings],
         **_vendor_report(result.vendor),
     }
@@ -292,7 +303,7 @@ def _print_text(result: CheckResult) -> None:
         )
     counts = _counts(findings)
     allowed = counts["findings"] - counts["drift"]
-    verdict = "DRIFT" if counts["drift"] else "clean"
+    verdict = "DRIFT" if counts["drift"] else "VENDOR" if result.failed else "clean"
     print(
         f"{verdict}: {counts['drift']} drifted, {allowed} allowed changes; "
         f"{result.paths} paths, {result.measured} measured again"

@@ -351,7 +351,8 @@ class Baseline:
         None: removed). Allowed changes (mutable paths, first-boot allowances) are not in
         ``drifted``, so a host with no drift has the image's root, and hosts that drifted the
         same way share a root. Without drift it is the statement's root, computed from
-        nothing."""
+        nothing. (A drifted file with other hard links is taken as measured, without the
+        ``hardlink`` a bake's walk would give it: still the same on every such host.)"""
         if not drifted:
             return str(self.statement["root"])
         added = sorted((p for p in drifted if p not in self._lines), key=record_order)

@@ -803,7 +803,7 @@ def test_check_verify_packages_reports_files_that_are_not_the_vendors(
     done = check("--json", "--verify-packages")
     assert done.returncode == EXIT_DRIFT, done.stderr
     report = json.loads(done.stdout)
-    assert report["drift"] is False
+    assert (report["drift"], report["failed"]) == (False, True)
     assert report["vendor"] == {"manager": "dpkg", "differ": 3, "counted": 1}
     files = {f["path"]: f for f in report["package_files"]}
     assert {p: (f["package"], f["reason"], f["counts"]) for p, f in files.items()} == {
@@ -826,6 +826,7 @@ def test_check_verify_packages_reports_files_that_are_not_the_vendors(
     assert len(vendor_lines) == 3
     assert [line.split()[0] for line in vendor_lines].count("VENDOR") == 1
     assert "3 files differ from the vendor's, 1 where the policy expects" in text.stdout
+    assert "VENDOR: 0 drifted" in text.stdout
 
     (image.root / "usr/bin/hello").write_bytes(HELLO["/usr/bin/hello"])  # put back: now drift
     again = json.loads(check("--json", "--verify-packages").stdout)
