@@ -25,7 +25,12 @@ def compare(build_id: str, hosts: Sequence[Host], drift: Mapping[str, set[str]])
     odd = []
     for host in live:
         paths = sorted(p for p in drift.get(host.host_id, ()) if shared[p] <= half)
-        other_root = majority_root is not None and host.measured_root != majority_root
+        # a host that sent no root (no boot check yet, or an older agent) is not compared
+        other_root = majority_root is not None and host.measured_root not in (
+            None,
+            "",
+            majority_root,
+        )
         if paths or other_root:
             odd.append(
                 {

@@ -158,9 +158,11 @@ class Ingestor:
     def _key_mismatch(self, tx: Tx, host: Host, key_id: str, token: EnrollToken) -> Refused:
         """A new key for a known host, not allowed by an operator: refused, and the attempt is
         evidence of tampering (the host's state was wiped or cloned, or someone poses as it):
-        once per new key, a finding, and the host becomes suspect (or, if it is past that, a
-        warning page). Its key, pool and facts stay as they are, so holding a token is not
-        enough to take a host over, and the real host goes on reporting under its key."""
+        once per new key, a finding, and the host becomes suspect — when the token could have
+        enrolled it (a token bound to another pool could not: a warning page then, so a
+        token leaked from one pool cannot condemn another's hosts). A host past suspect gets
+        the warning page too. Its key, pool and facts stay as they are, so holding a token is
+        not enough to take a host over, and the real host goes on reporting under its key."""
         evidence = {
             "reason": "key_mismatch",
             "enrolled_key_id": host.key_id,
@@ -171,10 +173,11 @@ class Ingestor:
         if host.refused_key_id != key_id:
             tx.update_host(host.host_id, {"refused_key_id": key_id})
             tx.add_findings([_integrity(host.host_id, tx.now, "warning", evidence)])
-            moved = transitions.apply(
-                tx, host, Observation(Signal.SUSPECT, "key_mismatch", evidence)
-            )
-            if moved.state is host.state:  # suspect already, or being replaced: page anyway
+            moved = host
+            if token.pool is None or token.pool == host.pool:
+                observation = Observation(Signal.SUSPECT, "key_mismatch", evidence)
+                moved = transitions.apply(tx, host, observation)
+            if moved.state is host.state:  # another pool's token, suspect already, replacing
                 tx.enqueue(verdicts.warning(host, "key_mismatch", evidence))
         return self._refuse(
             409,

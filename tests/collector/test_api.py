@@ -272,8 +272,14 @@ def test_cohort_names_the_odd_host_out(
         client.post("/v1/reports", json=sim.batch(sim.finding(file_drift("/etc/motd"))))
     odd = fleet[3]
     client.post("/v1/reports", json=odd.batch(odd.finding(file_drift("/usr/bin/sudo"))))
+    other, unmeasured = SimHost("c-5"), SimHost("c-6")  # measured another image; no boot yet
+    for sim in (other, unmeasured):
+        client.post("/v1/enroll", json=sim.enrollment(enroll_token))
+    client.post(
+        "/v1/reports", json=other.batch(other.agent_start(), other.boot(measured_root="cd" * 32))
+    )
     cohort = client.get("/v1/images/img-1/cohort", headers=bearer(tokens["viewer"])).json()
-    assert cohort["hosts"] == 5 and cohort["majority_root"] == "ab" * 32
+    assert cohort["hosts"] == 7 and cohort["majority_root"] == "ab" * 32
     assert cohort["odd"] == [
         {
             "host_id": "c-3",
@@ -281,7 +287,14 @@ def test_cohort_names_the_odd_host_out(
             "measured_root": "ab" * 32,
             "root_differs": False,
             "paths": ["/usr/bin/sudo"],
-        }
+        },
+        {
+            "host_id": "c-5",
+            "state": "clean",
+            "measured_root": "cd" * 32,
+            "root_differs": True,
+            "paths": [],
+        },
     ]
 
 

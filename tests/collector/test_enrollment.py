@@ -92,6 +92,25 @@ def test_a_new_key_for_a_known_host_is_refused_and_makes_it_suspect(
     assert len(store.jobs(kind=ALERT)) == 1
 
 
+def test_a_token_of_another_pool_cannot_make_a_host_suspect(
+    client: TestClient, store: SqlStore, enroll_token: str
+) -> None:
+    """A token leaked from one pool must not condemn another pool's hosts: the attempt is
+    recorded and paged (a warning), and the host stays as it was."""
+    sim = SimHost()  # pool "web"
+    assert enroll(client, sim, enroll_token).status_code == 201
+    assert send(client, sim, sim.agent_start(), sim.boot()).status_code == 200
+    other_pool, _ = auth.create_enroll_token(store, pool="db")
+    assert_error(enroll(client, SimHost(host_id=sim.host_id), other_pool), 409, "key_mismatch")
+    host = store.host(sim.host_id)
+    assert host is not None and host.state is HostState.CLEAN and host.pool == "web"
+    [finding] = [f for f in store.findings(sim.host_id) if f.type == "integrity"]
+    assert finding.detail["reason"] == "key_mismatch"
+    [alert] = store.jobs(kind=ALERT)
+    assert alert.payload["cause"] == "key_mismatch" and alert.payload["severity"] == "warning"
+    assert store.jobs(kind=REPLACE) == []
+
+
 def test_an_operator_allows_a_rekey_and_the_chain_restarts(
     client: TestClient, store: SqlStore, enroll_token: str, tokens: dict[str, str]
 ) -> None:
