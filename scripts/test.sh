@@ -22,14 +22,22 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && [ "$(id -u)" = 0 ] && comm
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql
   fi
-  version=$(ls /etc/postgresql | sort -V | tail -1)
-  hba=/etc/postgresql/$version/main/pg_hba.conf
+  cluster=$(pg_lsclusters -h | awk '$3 == 5432 { print $1 " " $2; exit }')
+  if [ -z "$cluster" ]; then
+    echo "error: no PostgreSQL cluster on port 5432 (pg_lsclusters)" >&2
+    exit 1
+  fi
+  version=${cluster% *} name=${cluster#* }
+  hba=/etc/postgresql/$version/$name/pg_hba.conf
   grep -q "^host all postgres 127.0.0.1/32 trust" "$hba" \
     || sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
-  pg_ctlcluster --skip-systemctl-redirect "$version" main start 2>/dev/null \
-    || pg_ctlcluster --skip-systemctl-redirect "$version" main reload
-  su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname = 'test'\"" | grep -q 1 \
-    || su postgres -c "createdb test"
+  if pg_ctlcluster "$version" "$name" status >/dev/null 2>&1; then
+    pg_ctlcluster --skip-systemctl-redirect "$version" "$name" reload
+  else
+    pg_ctlcluster --skip-systemctl-redirect "$version" "$name" start
+  fi
+  exists=$(su postgres -c "psql -qtAc \"SELECT 1 FROM pg_database WHERE datname = 'test'\"")
+  [ "$exists" = 1 ] || su postgres -c "createdb test"
 fi
 
 python3 -m venv .venv
