@@ -284,6 +284,10 @@ def _line(finding: Finding | PackageFinding) -> str:
         versions = f"{finding.before or '-'} -> {finding.after or '-'}"
         return f"{head} package {finding.name}:{finding.arch} {versions}"
     fields = f" [{','.join(finding.fields)}]" if finding.fields else ""
+    if finding.renamed_from is not None:
+        fields += f" (renamed from {display_path(finding.renamed_from)})"
+    elif finding.renamed_to is not None:
+        fields += f" (renamed to {display_path(finding.renamed_to)})"
     why = f"rule {finding.rule!r} ({finding.kind}): {finding.reason}"
     return f"{head} {display_path(finding.path)}{fields}  {why}"
 

@@ -9,7 +9,7 @@ whether or not it is drift (a change under a mutable path is a finding with ``dr
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,8 +35,20 @@ class Finding:
     reason: str
     before: Entry | None
     after: Entry | None
+    # a rename: on an added path, the removed one it was (same content, type, mode and owner);
+    # on a removed path, where it went
+    renamed_from: str | None = None
+    renamed_to: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
+        wired = self._wire()
+        if self.renamed_from is not None:
+            wired["renamed_from"] = encode_path(self.renamed_from)
+        if self.renamed_to is not None:
+            wired["renamed_to"] = encode_path(self.renamed_to)
+        return wired
+
+    def _wire(self) -> dict[str, Any]:
         return {
             "type": "file",
             "path": encode_path(self.path),
@@ -260,4 +272,38 @@ def compare_tree(
                     if drifted is not None and finding.drift:
                         drifted[path] = None
     found.sort(key=lambda f: order_key(f.path))
-    yield from found
+    yield from _renames(found)
+
+
+def _renames(found: list[Finding]) -> list[Finding]:
+    """``found`` with each removed file or symlink paired, in manifest order, with an added
+    one that is the same but for its name (content or target, type, mode, owner): a rename,
+    which stays a removal and an addition (each judged by its own path's rule) and says so."""
+    gone: dict[tuple[Any, ...], list[int]] = {}
+    for index, finding in enumerate(found):
+        identity = _identity(finding.before) if finding.change == "removed" else None
+        if identity is not None:
+            gone.setdefault(identity, []).append(index)
+    if not gone:
+        return found
+    out = list(found)
+    for index, finding in enumerate(found):
+        identity = _identity(finding.after) if finding.change == "added" else None
+        candidates = gone.get(identity) if identity is not None else None
+        if candidates:
+            source = candidates.pop(0)
+            out[index] = replace(finding, renamed_from=found[source].path)
+            out[source] = replace(found[source], renamed_to=finding.path)
+    return out
+
+
+def _identity(entry: Entry | None) -> tuple[Any, ...] | None:
+    """What a renamed file or symlink keeps; None for what is not paired (directories, a
+    file whose content is not known)."""
+    if entry is None or entry.state != "ok":
+        return None
+    if entry.type == "file" and entry.digest is not None:
+        return ("file", entry.digest, entry.size, entry.mode, entry.uid, entry.gid)
+    if entry.type == "symlink":
+        return ("symlink", entry.target, entry.uid, entry.gid)
+    return None

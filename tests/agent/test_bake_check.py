@@ -161,6 +161,10 @@ MUTATIONS: dict[str, tuple[Mutation, dict[str, tuple[str, set[str]]]]] = {
     ),
     "file-replaced-by-directory": (_replaced_by_dir, {"F": ("modified", {"type", "size"})}),
     "rename": (_rename, {"F": ("removed", set()), "F.moved": ("added", set())}),
+    "symlink-renamed": (
+        lambda root, file, link, directory: at(root, link).rename(at(root, link + ".moved")),
+        {"L": ("removed", set()), "L.moved": ("added", set())},
+    ),
     "new-file": (_new_file, {"D/new-file": ("added", set())}),
     "deletion": (_delete, {"F": ("removed", set())}),
     "new-fifo": (_fifo, {"D/new-fifo": ("added", set())}),
@@ -197,6 +201,12 @@ def test_mutation_is_drift_in_an_immutable_tree(
         assert finding["severity"] == "warning"
         assert finding["rule"] == "default"
     assert report["drift"] is True
+    if name in ("rename", "symlink-renamed"):  # paired: the same file, by another name
+        old, new = _expected("immutable", name)
+        assert new == old + ".moved"
+        assert (found[new]["renamed_from"], found[old]["renamed_to"]) == (old, new)
+    else:
+        assert not any("renamed_from" in f or "renamed_to" in f for f in report["findings"])
 
 
 @pytest.mark.root
@@ -306,6 +316,19 @@ def test_text_output_has_one_line_per_finding(
     assert lines[2].startswith("DRIFT: 2 drifted")
     assert len(lines) == 3
     assert "baseline_unverified" in proc.stderr  # no --pubkey: said, not silent
+    # a rename reads as one: each side names the other
+    at(image.root, "/usr/bin/tool").rename(at(image.root, "/usr/bin/tool2"))
+    text = run(
+        agent_cmd,
+        subprocess_env,
+        "check",
+        "--root",
+        str(image.root),
+        "--baseline",
+        str(image.manifest),
+    ).stdout
+    assert "added     /usr/bin/tool2 (renamed from /usr/bin/tool)" in text
+    assert "removed   /usr/bin/tool (renamed to /usr/bin/tool2)" in text
 
 
 def test_hostile_names_round_trip(
