@@ -299,15 +299,8 @@ def test_text_output_has_one_line_per_finding(
 ) -> None:
     at(image.root, "/etc/shadow").chmod(0o644)
     at(image.root, "/usr/share/doc/readme").unlink()
-    proc = run(
-        agent_cmd,
-        subprocess_env,
-        "check",
-        "--root",
-        str(image.root),
-        "--baseline",
-        str(image.manifest),
-    )
+    text_check = ("check", "--root", str(image.root), "--baseline", str(image.manifest))
+    proc = run(agent_cmd, subprocess_env, *text_check)
     assert proc.returncode == EXIT_DRIFT
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:4] == ["DRIFT", "critical", "modified", "/etc/shadow"]
@@ -318,15 +311,7 @@ def test_text_output_has_one_line_per_finding(
     assert "baseline_unverified" in proc.stderr  # no --pubkey: said, not silent
     # a rename reads as one: each side names the other
     at(image.root, "/usr/bin/tool").rename(at(image.root, "/usr/bin/tool2"))
-    text = run(
-        agent_cmd,
-        subprocess_env,
-        "check",
-        "--root",
-        str(image.root),
-        "--baseline",
-        str(image.manifest),
-    ).stdout
+    text = run(agent_cmd, subprocess_env, *text_check).stdout
     assert "added     /usr/bin/tool2 (renamed from /usr/bin/tool)" in text
     assert "removed   /usr/bin/tool (renamed to /usr/bin/tool2)" in text
 
