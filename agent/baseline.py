@@ -63,8 +63,9 @@ class CheckResult:
 class VendorFile:
     """A package file that is not what its vendor shipped, judged by the policy: it
     ``counts`` (fails the check) unless it is a configuration file, which an administrator
-    may edit on purpose, or the policy does not hold its path to its content (mutable,
-    excluded, a rule that leaves content out, a first-boot path on the first boot)."""
+    may edit on purpose, or the policy does not hold its path to its content (outside its
+    roots, mutable, excluded, a rule that leaves content out, a first-boot path on the first
+    boot)."""
 
     mismatch: PackageFileMismatch
     rule: str
@@ -102,7 +103,12 @@ class VendorCheck:
         return sum(f.counts for f in self.files)
 
 
-_VENDOR_ALLOWED: Final = ("mutable", "excluded")  # policy kinds where a package file may differ
+# where a package file may differ: the policy's kinds, and outside its roots
+_VENDOR_ALLOWED: Final = ("mutable", "excluded", "unmeasured")
+
+
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    return any(root in ("/", path) or path.startswith(root + "/") for root in roots)
 
 
 def verify_vendor(
@@ -113,6 +119,8 @@ def verify_vendor(
     for mismatch in verify_package_files(root, workers=workers):
         decision = policy.decide(mismatch.path)
         kind = "excluded" if decision.excluded else decision.kind
+        if not _under(mismatch.path, policy.roots):
+            kind = "unmeasured"
         held = (
             kind not in _VENDOR_ALLOWED
             and "content" in decision.attributes

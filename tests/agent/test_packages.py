@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from agent.baseline import verify_vendor
 from agent.errors import EXIT_DRIFT, EXIT_OK, PackageDbError
 from agent.packages import (
     Package,
@@ -28,6 +29,7 @@ from agent.packages import (
     read_packages,
     verify_package_files,
 )
+from agent.policy import parse_policy
 from tests.agent.imagetree import bake
 from tests.conftest import REPO
 
@@ -832,3 +834,18 @@ def test_check_verify_packages_reports_files_that_are_not_the_vendors(
     again = json.loads(check("--json", "--verify-packages").stdout)
     assert again["drift"] is True
     assert again["vendor"]["counted"] == 0
+
+
+def test_a_package_file_outside_the_policys_roots_does_not_count(hello: DpkgRoot) -> None:
+    (hello.root / "usr/bin/hello").write_bytes(b"#!/bin/sh\necho patched\n")
+    etc_only = parse_policy({"policy": {"name": "etc", "roots": ["/etc"]}}, source="etc.toml")
+    every = parse_policy({"policy": {"name": "all", "roots": ["/"]}}, source="all.toml")
+    packages = read_packages(hello.root)
+    [outside] = verify_vendor(hello.root, etc_only, packages, first_boot=False, workers=1).files
+    assert (outside.mismatch.path, outside.kind, outside.counts) == (
+        "/usr/bin/hello",
+        "unmeasured",
+        False,
+    )
+    [inside] = verify_vendor(hello.root, every, packages, first_boot=False, workers=1).files
+    assert (inside.kind, inside.counts) == ("immutable", True)
