@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,12 +46,18 @@ class CheckResult:
     verified: bool
     packages: PackageSet  # the package set read from the root during the check
     own: frozenset[str] = frozenset()  # the tool's own files inside the root, not measured
-    measured_root: str = ""  # the image's Merkle root with this root's drift in it
+    drifted: Mapping[str, Entry | None] = field(default_factory=dict)  # compare_tree's
     vendor: VendorCheck | None = None  # package files against the vendor's digests, if asked
 
     @property
     def drift(self) -> bool:
         return any(f.drift for f in self.findings)
+
+    @functools.cached_property
+    def measured_root(self) -> str:
+        """The image's Merkle root with this root's drift in it (``Baseline.measured_root``):
+        made when asked for, as it reads every record once there is drift."""
+        return self.baseline.measured_root(self.drifted)
 
     @property
     def failed(self) -> bool:
@@ -107,10 +114,6 @@ class VendorCheck:
 _VENDOR_ALLOWED: Final = ("mutable", "excluded", "unmeasured")
 
 
-def _under(path: str, roots: tuple[str, ...]) -> bool:
-    return any(root in ("/", path) or path.startswith(root + "/") for root in roots)
-
-
 def verify_vendor(
     root: Path, policy: Policy, packages: PackageSet, *, first_boot: bool, workers: int
 ) -> VendorCheck:
@@ -119,7 +122,7 @@ def verify_vendor(
     for mismatch in verify_package_files(root, workers=workers):
         decision = policy.decide(mismatch.path)
         kind = "excluded" if decision.excluded else decision.kind
-        if not _under(mismatch.path, policy.roots):
+        if not policy.covers(mismatch.path):
             kind = "unmeasured"
         held = (
             kind not in _VENDOR_ALLOWED
@@ -201,7 +204,7 @@ def run_check(
         verified=public_key is not None,
         packages=current_packages,
         own=ignore,
-        measured_root=baseline.measured_root(drifted),
+        drifted=drifted,
         vendor=vendor,
     )
     log.info(

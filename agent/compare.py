@@ -41,15 +41,7 @@ class Finding:
     renamed_to: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        wired = self._wire()
-        if self.renamed_from is not None:
-            wired["renamed_from"] = encode_path(self.renamed_from)
-        if self.renamed_to is not None:
-            wired["renamed_to"] = encode_path(self.renamed_to)
-        return wired
-
-    def _wire(self) -> dict[str, Any]:
-        return {
+        wired = {
             "type": "file",
             "path": encode_path(self.path),
             "change": self.change,
@@ -62,6 +54,11 @@ class Finding:
             "before": record.to_json(self.before) if self.before is not None else None,
             "after": record.to_json(self.after) if self.after is not None else None,
         }
+        if self.renamed_from is not None:
+            wired["renamed_from"] = encode_path(self.renamed_from)
+        if self.renamed_to is not None:
+            wired["renamed_to"] = encode_path(self.renamed_to)
+        return wired
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,11 @@ class Sample:
     rule: str | None
 
 
+def under(path: str, roots: Iterable[str]) -> bool:
+    """True when ``path`` is one of ``roots`` or lies below one."""
+    return any(root in ("/", path) or path.startswith(root + "/") for root in roots)
+
+
 @dataclass(frozen=True)
 class Policy:
     name: str
@@ -133,6 +138,10 @@ class Policy:
     digest: str = ""
     _rule_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
     _exclude_re: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+
+    def covers(self, path: str) -> bool:
+        """True when ``path`` lies under one of the policy's roots (excluded or not)."""
+        return under(path, self.roots)
 
     def excluded(self, path: str) -> bool:
         """True when ``path`` (or a directory above it) is excluded from measurement."""

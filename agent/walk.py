@@ -60,7 +60,7 @@ from agent.measure import (
     stat_fields,
 )
 from agent.mounts import MountTable
-from agent.policy import Policy
+from agent.policy import Policy, under
 from agent.record import Block
 
 if TYPE_CHECKING:
@@ -733,6 +733,6 @@ def _top_roots(roots: tuple[str, ...]) -> list[str]:
     """The policy's roots in manifest order, without any that lies inside another."""
     out: list[str] = []
     for root in sorted(set(roots), key=order_key):
-        if not any(r in (root, "/") or root.startswith(r + "/") for r in out):
+        if not under(root, out):
             out.append(root)
     return out
