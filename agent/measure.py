@@ -48,6 +48,14 @@ _GONE: Final = (errno.ENOENT, errno.ENOTDIR)
 _NO_XATTRS: Final = (errno.ENOTSUP, errno.ENODATA)  # a file system without them
 _sha256: Final = hashlib.sha256
 
+try:  # the per-file work in one call (agent/_native.c); this module's own code where not built
+    from agent._native import open_ahead as _native_open_ahead
+    from agent._native import read_open as _native_read_open
+
+    NATIVE = True
+except ImportError:  # the suite requires it built (tests/agent/test_native.py)
+    NATIVE = False
+
 
 @dataclass(frozen=True, slots=True)
 class Entry:
@@ -212,6 +220,8 @@ def open_ahead(path: str, size: int, dir_fd: int | None = None) -> int | None:
     the kernel's own readahead follows the reads of the rest), so that a walk keeps the disk
     busy with the files it will hash next. None if it cannot be opened now: measuring it
     opens it again and records why."""
+    if NATIVE:
+        return _native_open_ahead(path, size, AHEAD_FILE_BYTES, -1 if dir_fd is None else dir_fd)
     try:
         fd = _open(path, dir_fd)
     except OSError:
@@ -251,7 +261,12 @@ def read_open(st: os.stat_result, fd: int) -> tuple[str, tuple[tuple[str, bytes]
     through ``fd`` (opened by ``open_ahead``; closed here): one look, all through the open
     file. None when it was not that look's file throughout or an error came up:
     ``measure_fields`` then measures it the careful way (again, and with a state).
-    (A walk calls this for nearly every file: ``_read_small`` and ``_xattrs`` inline.)"""
+    (A walk calls this for nearly every file: ``_read_small`` and ``_xattrs`` inline, or all of
+    it in ``agent._native`` where that is built.)"""
+    if NATIVE:
+        return _native_read_open(
+            fd, st.st_size, st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns
+        )
     size = st.st_size
     try:
         try:

@@ -6,7 +6,9 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   need=()
-  for pkg in openssh-server aide debsums prometheus-alertmanager systemd rpm libcap2-bin; do
+  # gcc, libssl-dev and python3-dev build the agent's C measurement (agent/_native.c)
+  for pkg in openssh-server aide debsums prometheus-alertmanager systemd rpm libcap2-bin \
+    gcc libc6-dev libssl-dev python3-dev; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
   done
   if [ ${#need[@]} -gt 0 ]; then

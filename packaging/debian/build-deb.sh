@@ -6,13 +6,15 @@
 #   packaging/debian/build-deb.sh agent|collector [OUTDIR]
 #
 # Needs Debian's python3 and python3-venv (the venv must point at /usr/bin/python3 on the
-# target) and dpkg-deb. Reaches PyPI for the dependencies.
+# target) and dpkg-deb; for the agent, gcc, libssl-dev and python3-dev too, which build its C
+# measurement (agent/_native.c, linked against libssl3's libcrypto). Reaches PyPI for the
+# dependencies.
 set -euo pipefail
 component=${1:?usage: build-deb.sh agent|collector [OUTDIR]}
 outdir=$(realpath "${2:-dist}")
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 case "$component" in
-  agent) extra=agent; unit=driftwarden-agent.service; depends="python3 (>= 3.11), python3-venv" ;;
+  agent) extra=agent; unit=driftwarden-agent.service; depends="python3 (>= 3.11), python3-venv, libssl3" ;;
   collector) extra=collector; unit=driftwarden-collector.service; depends="python3 (>= 3.11), python3-venv" ;;
   *) echo "error: component must be agent or collector, not '$component'" >&2; exit 2 ;;
 esac
@@ -25,6 +27,10 @@ venv=$stage/opt/driftwarden
 /usr/bin/python3 -m venv "$venv"
 "$venv/bin/pip" install -q --no-cache-dir --upgrade pip
 "$venv/bin/pip" install -q --no-cache-dir "$repo[$extra]"
+if [ "$component" = agent ] && ! "$venv/bin/python" -c 'import agent._native' 2>/dev/null; then
+  echo "error: agent._native was not built (gcc, libssl-dev and python3-dev are needed)" >&2
+  exit 1
+fi
 # The venv was made under the staging directory: point it at its installed home.
 grep -rlI --null "$stage" "$venv/bin" | xargs -0 -r sed -i "s|$stage||g"
 find "$venv" -name '__pycache__' -prune -exec rm -rf {} +
