@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from bench.driftwarden import Agent
+from bench.driftwarden import Agent, packaged_python
 from bench.machine import ensure_tools, facts, load
 from bench.measure import BenchError, cold_cache_refusal
 from bench.report import render
@@ -39,7 +39,9 @@ the wall time; "speed vs" is the reference's wall time over this row's. The disk
 are `cat` of every file with two readers (the tools have two cores; what the targets compare
 with) and, cold, with sixteen (as many reads in flight as the disk takes), and `dd` of the
 files over 1 MiB. driftwarden runs as `python -m agent` from this checkout (byte-compiled
-first, as an installed package is), `--workers 0` (one per core)."""
+first, as an installed package is), `--workers 0` (one per core), on the interpreter its
+Debian package runs on (`/usr/bin/python3`, in a virtual environment the harness makes in
+the work directory) unless `--python` says otherwise: the table above names it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workdir", type=Path, help="keep trees here between runs")
     parser.add_argument("--out", type=Path, help="report file (default docs/performance.md)")
+    parser.add_argument(
+        "--python",
+        help="the interpreter driftwarden runs on: a path, 'current' (this one) or 'packaged'"
+        " (the default: /usr/bin/python3 in a virtual environment, as the Debian package has it)",
+    )
     return parser
 
 
@@ -85,10 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(logs)
         logs.mkdir(parents=True)
         workdir.mkdir(parents=True, exist_ok=True)
-        Agent(REPO, workdir).compile()
+        python = _python(args.python, workdir)
+        agent = Agent(REPO, workdir, python)
+        agent.compile()
         settings = Settings(
             repo=REPO,
             workdir=workdir,
+            python=python,
             logs=logs,
             shape=shape,
             seed=args.seed,
@@ -101,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections = [section for _, suite in suites for section in suite(settings)]
         text = render(
             sections,
-            facts=facts(workdir, Agent(REPO, workdir).version(), load_at_start=load_at_start),
+            facts=facts(workdir, agent.version(), agent.interpreter(), load_at_start=load_at_start),
             command_line=command_line,
             how=HOW,
         )
@@ -118,6 +128,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     print(f"wrote {out}; logs in {logs}", file=sys.stderr)
     return 0
+
+
+def _python(choice: str | None, workdir: Path) -> Path:
+    if choice in (None, "packaged"):
+        return packaged_python(REPO, workdir)
+    if choice == "current":
+        return Path(sys.executable)
+    assert choice is not None
+    return Path(choice)
 
 
 _SECTION = re.compile(r"^<!-- (\w+):begin -->$.*?^<!-- \1:end -->$", re.MULTILINE | re.DOTALL)

@@ -39,7 +39,7 @@ def load() -> str:
     return " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def facts(workdir: Path, driftwarden: str, *, load_at_start: str) -> dict[str, str]:
+def facts(workdir: Path, driftwarden: str, python: str, *, load_at_start: str) -> dict[str, str]:
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "CPU": _cpu_model(),
@@ -50,7 +50,7 @@ def facts(workdir: Path, driftwarden: str, *, load_at_start: str) -> dict[str, s
         "OS": _os_release(),
         "virtualisation": _output(["systemd-detect-virt"]) or "unknown",
         "disk (work directory)": _disk(workdir),
-        "Python": platform.python_version(),
+        "Python (driftwarden's)": python,
         "driftwarden": driftwarden,
         "aide": _output(["aide", "--version"]).splitlines()[0] if shutil.which("aide") else "—",
         "debsums": _package_version("debsums"),

@@ -13,6 +13,7 @@ from bench.treegen import Shape
 class Settings:
     repo: Path
     workdir: Path
+    python: Path  # the interpreter the agent runs on (``bench.driftwarden``)
     logs: Path
     shape: Shape
     seed: int

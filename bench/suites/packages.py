@@ -28,7 +28,7 @@ PACKAGE_RUNS: Final = 1  # debsums alone takes minutes over a whole machine's pa
 
 def run(settings: Settings) -> list[Section]:
     files, size_bytes = _packaged_files(Path("/"))
-    agent = Agent(settings.repo, settings.workdir)
+    agent = Agent(settings.repo, settings.workdir, settings.python)
     debsums = peers.debsums()
     ours = agent.verify_packages(Path("/"))
     available = (settings.repo / "agent" / "packages.py").exists() or (
