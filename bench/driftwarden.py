@@ -1,14 +1,15 @@
-"""How the harness runs driftwarden: ``python -m agent`` from this checkout.
+"""How the harness runs driftwarden: the code in this worktree, installed as its package has it.
 
-Every command is ``[PYTHON, "-m", "agent", ...]`` with ``PYTHONPATH`` set to the repository
-root, so the figures are those of the code in this worktree (byte-compiled first, as an
-installed package is). PYTHON is, by default, the interpreter the agent's Debian package runs
-on (``packaging/debian/build-deb.sh``: a virtual environment on ``/usr/bin/python3``), made once
-in the work directory with the agent's dependencies and its C measurement (``packaged_python``);
-the interpreter that runs the harness may be another build of Python, and how CPython was
-built changes a bake's time by a fifth. Manifests are signed with a pipeline key made once per
-work directory, and checks verify them with its public key, as an image pipeline and a
-booting host would.
+By default the worktree is installed as the agent's Debian package installs it
+(``packaging/debian/build-deb.sh``): into a virtual environment on ``/usr/bin/python3``, made in
+the work directory and made again when the code changes (``packaged_venv``), and every command
+is its console script ``driftwarden-agent``. The interpreter that runs the harness may be
+another build of CPython, and how CPython was built changes a bake's time by a fifth; an
+editable install's import hook costs every start some 20 ms. With ``--python`` the harness
+runs ``[PYTHON, "-m", "agent", ...]`` with ``PYTHONPATH`` set to the repository root instead
+(the checkout byte-compiled first, as an installed package is). Manifests are signed with a
+pipeline key made once per work directory, and checks verify them with its public key, as an
+image pipeline and a booting host would.
 """
 
 from __future__ import annotations
@@ -38,47 +39,70 @@ sys.exit(2 if mismatches else 0)
 """
 
 
-def packaged_python(repo: Path, workdir: Path) -> Path:
-    """The agent's interpreter as its Debian package has it: a virtual environment on
-    ``/usr/bin/python3`` with the agent installed from ``repo`` (editable: its C measurement
-    is built in the checkout), made in ``workdir`` and made again when ``pyproject.toml`` or
-    ``agent/_native.c`` changes."""
+def packaged_venv(repo: Path, workdir: Path) -> Path:
+    """The agent as its Debian package installs it (``packaging/debian/build-deb.sh``): a
+    virtual environment on ``/usr/bin/python3`` with ``repo`` installed into it (not editable:
+    byte-compiled, its C measurement built, nothing looked up in the checkout at start), made
+    in ``workdir`` and made again whenever ``pyproject.toml`` or anything under ``agent/``
+    changes."""
     venv = workdir / "agent-venv"
-    python = venv / "bin" / "python"
-    sources = hashlib.sha256()
-    for name in ("pyproject.toml", "agent/_native.c"):
-        sources.update((repo / name).read_bytes())
+    sources = hashlib.sha256((repo / "pyproject.toml").read_bytes())
+    for path in sorted((repo / "agent").rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".c", ".pyi", ".toml"):
+            sources.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes())
     stamp = venv / ".driftwarden-installed"
-    if python.exists() and stamp.exists() and stamp.read_text() == sources.hexdigest():
-        return python
+    if stamp.exists() and stamp.read_text() == sources.hexdigest():
+        return venv
     if not SYSTEM_PYTHON.exists():
         raise BenchError(f"{SYSTEM_PYTHON} is missing: pass --python to choose an interpreter")
     for argv in (
         [str(SYSTEM_PYTHON), "-m", "venv", "--clear", str(venv)],
-        [str(python), "-m", "pip", "install", "-q", "-e", f"{repo}[agent]"],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{repo}[agent]"],
     ):
         done = subprocess.run(argv, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise BenchError(f"{' '.join(argv[:4])} failed: {done.stderr.strip()[-2000:]}")
     stamp.write_text(sources.hexdigest())
-    return python
+    return venv
 
 
 class Agent:
-    def __init__(self, repo: Path, workdir: Path, python: Path | None = None) -> None:
+    """driftwarden's agent as the harness runs it: installed in ``venv`` (``packaged_venv``)
+    and run through its console script, or, without one, from the checkout with ``python``
+    (default: the harness's own interpreter)."""
+
+    def __init__(
+        self, repo: Path, workdir: Path, *, venv: Path | None = None, python: Path | None = None
+    ) -> None:
         self.repo = repo
         self.workdir = workdir
-        self.python = str(python or sys.executable)
+        self.venv = venv
         self.key = workdir / "pipeline.key"
         self.env = dict(os.environ)
-        self.env["PYTHONPATH"] = str(repo) + os.pathsep + self.env.get("PYTHONPATH", "")
+        if venv is not None:
+            self.python = str(venv / "bin" / "python")
+            self.env.pop("PYTHONPATH", None)
+        else:
+            self.python = str(python or sys.executable)
+            self.env["PYTHONPATH"] = str(repo) + os.pathsep + self.env.get("PYTHONPATH", "")
 
     def argv(self, *args: str | os.PathLike[str]) -> tuple[str, ...]:
+        if self.venv is not None:
+            command = str(self.venv / "bin" / "driftwarden-agent")
+            return (command, *(os.fspath(a) for a in args))
         return (self.python, "-m", "agent", *(os.fspath(a) for a in args))
+
+    def _code(self, code: str, *args: str) -> tuple[str, ...]:
+        """Python code run with the agent's interpreter and packages (installed: never the
+        checkout, whatever the current directory: ``-P``)."""
+        return (self.python, *(("-P",) if self.venv is not None else ()), "-c", code, *args)
 
     def compile(self) -> None:
         """Byte-compile the checkout, as installing the package does: with
-        ``PYTHONDONTWRITEBYTECODE`` set, every run would otherwise compile the agent again."""
+        ``PYTHONDONTWRITEBYTECODE`` set, every run would otherwise compile the agent again.
+        (An installed agent was compiled by pip.)"""
+        if self.venv is not None:
+            return
         done = subprocess.run(
             [self.python, "-m", "compileall", "-q", str(self.repo / "agent")],
             capture_output=True,
@@ -143,7 +167,7 @@ class Agent:
     def verify_packages(self, root: Path) -> Command:
         return Command(
             "driftwarden verify_package_files",
-            (self.python, "-c", _VERIFY, os.fspath(root)),
+            self._code(_VERIFY, os.fspath(root)),
             env=self.env,
             ok_exit=frozenset({0, 2}),
         )
@@ -162,21 +186,20 @@ class Agent:
     def interpreter(self) -> str:
         """The agent's Python: its version and where it lives (what ``facts`` shows)."""
         done = subprocess.run(
-            [
-                self.python,
-                "-c",
-                "import platform, sys; print(platform.python_version(), sys._base_executable)",
-            ],
+            self._code(
+                "import platform, sys; print(platform.python_version(), sys._base_executable)"
+            ),
             capture_output=True,
             text=True,
             check=False,
         )
         version, _, base = done.stdout.strip().partition(" ")
         native = subprocess.run(
-            [self.python, "-c", "import agent._native"],
+            self._code("import agent._native"),
             env=self.env,
             capture_output=True,
             check=False,
         )
         measured = "with" if native.returncode == 0 else "WITHOUT"
-        return f"{version} ({base}), {measured} the C measurement (agent/_native.c)"
+        how = "installed in a virtual environment" if self.venv else "from the checkout"
+        return f"{version} ({base}), {how}, {measured} the C measurement (agent/_native.c)"

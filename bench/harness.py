@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from bench.driftwarden import Agent, packaged_python
+from bench.driftwarden import Agent, packaged_venv
 from bench.machine import ensure_tools, facts, load
 from bench.measure import BenchError, cold_cache_refusal
 from bench.report import render
@@ -38,10 +38,10 @@ the tree's bytes (each inode once) over the wall time; files/s its regular-file 
 the wall time; "speed vs" is the reference's wall time over this row's. The disk's limits
 are `cat` of every file with two readers (the tools have two cores; what the targets compare
 with) and, cold, with sixteen (as many reads in flight as the disk takes), and `dd` of the
-files over 1 MiB. driftwarden runs as `python -m agent` from this checkout (byte-compiled
-first, as an installed package is), `--workers 0` (one per core), on the interpreter its
-Debian package runs on (`/usr/bin/python3`, in a virtual environment the harness makes in
-the work directory) unless `--python` says otherwise: the table above names it."""
+files over 1 MiB. driftwarden is this checkout installed as its Debian package installs it
+(a virtual environment on `/usr/bin/python3`, which the harness makes in the work directory),
+run as `driftwarden-agent`, `--workers 0` (one per core); with `--python` it runs from the
+checkout instead. The table above names the interpreter."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="report file (default docs/performance.md)")
     parser.add_argument(
         "--python",
-        help="the interpreter driftwarden runs on: a path, 'current' (this one) or 'packaged'"
-        " (the default: /usr/bin/python3 in a virtual environment, as the Debian package has it)",
+        help="run driftwarden from the checkout on this interpreter ('current': the harness's);"
+        " by default it is installed as its Debian package installs it, on /usr/bin/python3",
     )
     return parser
 
@@ -92,13 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(logs)
         logs.mkdir(parents=True)
         workdir.mkdir(parents=True, exist_ok=True)
-        python = _python(args.python, workdir)
-        agent = Agent(REPO, workdir, python)
+        agent = _agent(args.python, workdir)
         agent.compile()
         settings = Settings(
             repo=REPO,
             workdir=workdir,
-            python=python,
+            agent=agent,
             logs=logs,
             shape=shape,
             seed=args.seed,
@@ -130,13 +129,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _python(choice: str | None, workdir: Path) -> Path:
-    if choice in (None, "packaged"):
-        return packaged_python(REPO, workdir)
-    if choice == "current":
-        return Path(sys.executable)
-    assert choice is not None
-    return Path(choice)
+def _agent(python: str | None, workdir: Path) -> Agent:
+    if python in (None, "packaged"):
+        return Agent(REPO, workdir, venv=packaged_venv(REPO, workdir))
+    return Agent(REPO, workdir, python=None if python == "current" else Path(str(python)))
 
 
 _SECTION = re.compile(r"^<!-- (\w+):begin -->$.*?^<!-- \1:end -->$", re.MULTILINE | re.DOTALL)

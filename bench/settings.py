@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.driftwarden import Agent
 from bench.measure import Cache
 from bench.treegen import Shape
 
@@ -13,7 +14,7 @@ from bench.treegen import Shape
 class Settings:
     repo: Path
     workdir: Path
-    python: Path  # the interpreter the agent runs on (``bench.driftwarden``)
+    agent: Agent  # how driftwarden is run (``bench.driftwarden``)
     logs: Path
     shape: Shape
     seed: int

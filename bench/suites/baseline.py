@@ -28,7 +28,7 @@ DISK_READERS = 16  # cold, the disk's own limit: enough reads in flight to keep 
 
 
 def run(settings: Settings) -> list[Section]:
-    agent = Agent(settings.repo, settings.workdir, settings.python)
+    agent = settings.agent
     agent.keygen()
     tree = bench_tree(settings.workdir, settings.shape, settings.seed)
     sections = [_section(tree, "tree", agent, settings)]

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Final
 
 from bench import peers
-from bench.driftwarden import Agent
 from bench.measure import Cache, Command, Measurement, measure
 from bench.report import Row, Section, Table
 from bench.settings import Settings
@@ -28,7 +27,7 @@ PACKAGE_RUNS: Final = 1  # debsums alone takes minutes over a whole machine's pa
 
 def run(settings: Settings) -> list[Section]:
     files, size_bytes = _packaged_files(Path("/"))
-    agent = Agent(settings.repo, settings.workdir, settings.python)
+    agent = settings.agent
     debsums = peers.debsums()
     ours = agent.verify_packages(Path("/"))
     available = (settings.repo / "agent" / "packages.py").exists() or (
