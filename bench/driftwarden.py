@@ -14,7 +14,6 @@ image pipeline and a booting host would.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -22,10 +21,10 @@ import tomllib
 from pathlib import Path
 from typing import Final
 
+from bench import interpreter
 from bench.measure import BenchError, Command
 
 POLICY: Final = Path(__file__).resolve().parent / "policy.toml"
-SYSTEM_PYTHON: Final = Path("/usr/bin/python3")  # what the agent's package runs on
 
 # What debsums -s checks: package-owned files other than conffiles, reported when they differ.
 _VERIFY: Final = """\
@@ -40,30 +39,9 @@ sys.exit(2 if mismatches else 0)
 
 
 def packaged_venv(repo: Path, workdir: Path) -> Path:
-    """The agent as its Debian package installs it (``packaging/debian/build-deb.sh``): a
-    virtual environment on ``/usr/bin/python3`` with ``repo`` installed into it (not editable:
-    byte-compiled, its C measurement built, nothing looked up in the checkout at start), made
-    in ``workdir`` and made again whenever ``pyproject.toml`` or anything under ``agent/``
-    changes."""
-    venv = workdir / "agent-venv"
-    sources = hashlib.sha256((repo / "pyproject.toml").read_bytes())
-    for path in sorted((repo / "agent").rglob("*")):
-        if path.is_file() and path.suffix in (".py", ".c", ".pyi", ".toml"):
-            sources.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes())
-    stamp = venv / ".driftwarden-installed"
-    if stamp.exists() and stamp.read_text() == sources.hexdigest():
-        return venv
-    if not SYSTEM_PYTHON.exists():
-        raise BenchError(f"{SYSTEM_PYTHON} is missing: pass --python to choose an interpreter")
-    for argv in (
-        [str(SYSTEM_PYTHON), "-m", "venv", "--clear", str(venv)],
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"{repo}[agent]"],
-    ):
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise BenchError(f"{' '.join(argv[:4])} failed: {done.stderr.strip()[-2000:]}")
-    stamp.write_text(sources.hexdigest())
-    return venv
+    """The agent as its Debian package installs it, in ``workdir`` (``bench.interpreter``): its
+    installed copy is what runs, so it is installed again whenever ``agent/`` changes."""
+    return interpreter.packaged_venv(repo, workdir / "agent-venv", "agent", sources=("agent",))
 
 
 class Agent:
@@ -185,15 +163,7 @@ class Agent:
 
     def interpreter(self) -> str:
         """The agent's Python: its version and where it lives (what ``facts`` shows)."""
-        done = subprocess.run(
-            self._code(
-                "import platform, sys; print(platform.python_version(), sys._base_executable)"
-            ),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        version, _, base = done.stdout.strip().partition(" ")
+        described = interpreter.describe(self.python)
         native = subprocess.run(
             self._code("import agent._native"),
             env=self.env,
@@ -202,4 +172,4 @@ class Agent:
         )
         measured = "with" if native.returncode == 0 else "WITHOUT"
         how = "installed in a virtual environment" if self.venv else "from the checkout"
-        return f"{version} ({base}), {how}, {measured} the C measurement (agent/_native.c)"
+        return f"{described}, {how}, {measured} the C measurement (agent/_native.c)"
