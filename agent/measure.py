@@ -226,10 +226,11 @@ def open_ahead(path: str, size: int, dir_fd: int | None = None) -> int | None:
         fd = _open(path, dir_fd)
     except OSError:
         return None
-    try:  # noqa: SIM105 (once per file: contextlib.suppress costs more than the call)
-        os.posix_fadvise(fd, 0, min(size, AHEAD_FILE_BYTES), os.POSIX_FADV_WILLNEED)
-    except OSError:
-        pass  # not a regular file any more (the measurement sees it), or no page cache
+    if size > 0:  # (a length of 0 would announce the whole file, whatever it is now)
+        try:  # noqa: SIM105 (once per file: contextlib.suppress costs more than the call)
+            os.posix_fadvise(fd, 0, min(size, AHEAD_FILE_BYTES), os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # not a regular file any more (the measurement sees it), or no page cache
     return fd
 
 
@@ -270,8 +271,8 @@ def read_open(st: os.stat_result, fd: int) -> tuple[str, tuple[tuple[str, bytes]
     size = st.st_size
     try:
         try:
-            if size > _INLINE_BYTES:
-                digest, count = _read_hash(fd, None)
+            if size > _INLINE_BYTES:  # (one byte past the size says it grew: no more)
+                digest, count = _read_hash(fd, size + 1)
             else:
                 data = os.read(fd, size + 1)
                 digest, count = _sha256(data).hexdigest(), len(data)
@@ -296,7 +297,7 @@ def _read_small(fd: int, size: int) -> tuple[str, int]:
     """(digest, bytes read) of the open file ``fd`` that ``lstat`` said has ``size`` bytes:
     a small one in one read (one byte more, to see it grew), a larger one in chunks."""
     if size > _INLINE_BYTES:
-        return _read_hash(fd, None)
+        return _read_hash(fd, size + 1)
     data = os.read(fd, size + 1)
     return hashlib.sha256(data).hexdigest(), len(data)
 

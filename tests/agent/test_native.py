@@ -155,3 +155,62 @@ def test_open_ahead_relative_to_a_directory_and_of_nothing(tmp_path: Path, mode:
         os.close(dir_fd)
     os.symlink(tmp_path / "f", tmp_path / "link")
     assert measure.open_ahead(str(tmp_path / "link"), 3) is None  # never followed
+
+
+def _look_like(st: os.stat_result, **changed: int) -> os.stat_result:
+    """``st`` with some fields changed (what a file could have looked like to ``lstat``)."""
+    visible = list(st)
+    order = ("st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size")
+    for name, value in changed.items():
+        if name in order:
+            visible[order.index(name)] = value
+    hidden = {n: getattr(st, n) for n in dir(st) if n.startswith("st_") and n not in order}
+    hidden.update({k: v for k, v in changed.items() if k not in order})
+    return os.stat_result(visible, hidden)
+
+
+def test_read_open_never_reads_past_one_byte_more_than_the_size(mode: str) -> None:
+    # A file swapped for an endless one after lstat (here /dev/zero, opened by the test): the
+    # read stops one byte past the size it was told, and the look is refused.
+    fd = os.open("/dev/zero", os.O_RDONLY)
+    st = _look_like(os.stat(__file__), st_size=3 << 20)
+    assert read_open(st, fd) is None
+    assert _closed(fd)
+
+
+def test_read_open_takes_any_value_a_stat_can_hold(tmp_path: Path, mode: str) -> None:
+    # An inode number past 2**63 (overlayfs, NFS, FUSE) and a negative size are no file this
+    # one: refused, the file closed, nothing raised.
+    file = tmp_path / "f"
+    file.write_bytes(b"content")
+    for changed in ({"st_ino": 2**64 - 1}, {"st_size": -1}):
+        st = os.lstat(file)
+        fd = measure.open_ahead(str(file), st.st_size)
+        assert fd is not None
+        assert read_open(_look_like(st, **changed), fd) is None
+        assert _closed(fd)
+
+
+def test_a_file_dated_past_2262_is_measured_either_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its mtime in nanoseconds does not fit 64 bits (touch -d 2300-01-01 needs no privilege):
+    # the C code leaves it to the careful path, which records it as the Python code does.
+    if not measure.NATIVE:
+        pytest.fail("agent._native was not built")
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    file = root / "data" / "future"
+    file.write_bytes(b"from the future")
+    far = 10_413_792_000 * 10**9  # 2300-01-01
+    os.utime(file, ns=(far, far))
+    assert os.lstat(file).st_mtime_ns == far
+    st, fd = _look(file)
+    assert measure.read_open(st, fd) is None  # the C code: not for it to judge
+    assert _closed(fd)
+    native = _records(root, 1)
+    monkeypatch.setattr(measure, "NATIVE", False)
+    assert _records(root, 1) == native
+    entry = record.from_line(native[-1][1])
+    assert entry.path == "/data/future" and entry.mtime_ns == far
+    assert entry.digest == hashlib.sha256(b"from the future").hexdigest()
