@@ -140,7 +140,7 @@ class Alerts:
         )
         if storm is None:
             return False
-        rails.fold(tx, storm, host.host_id)
+        folded = rails.fold(tx, storm, host.host_id)
         ledger.decide(
             tx,
             "alert_grouped",
@@ -149,13 +149,16 @@ class Alerts:
             pool=host.pool,
             detail={"storm_hold": storm.hold_id, "cause": payload.get("cause")},
         )
+        if folded is None:  # counted already: the pool's page has it
+            return True
         incident = incidents.incident(
             tx, sink_key({"scope": "pool", "pool": host.pool, "cause": rails.STORM_CAUSE})
         )
         if incident is not None and incident.status == "firing":
             alert = dict(incident.alert)
             details = dict(alert.get("details") or {})
-            details["hosts"] = sorted({*details.get("hosts", []), host.host_id})
+            details["hosts"] = sorted(folded.get("hosts") or [])
+            details["host_count"] = rails.host_count(folded)
             alert["details"] = details
             incidents.put_incident(
                 tx,
@@ -173,7 +176,11 @@ class Alerts:
         """The storm's page lists every host folded into it so far."""
         for hold in ledger.open_holds(tx, Scope.POOL, str(payload.get("pool"))):
             if hold.kind is HoldKind.STORM:
-                evidence = {**(payload.get("evidence") or {}), "hosts": hold.detail.get("hosts")}
+                evidence = {
+                    **(payload.get("evidence") or {}),
+                    "hosts": hold.detail.get("hosts"),
+                    "host_count": rails.host_count(hold.detail),
+                }
                 return {**payload, "evidence": evidence}
         return payload
 
@@ -221,6 +228,8 @@ class Alerts:
             )
         elif isinstance(evidence.get("hosts"), list):
             details["hosts"] = evidence["hosts"]
+            if isinstance(evidence.get("host_count"), int):
+                details["host_count"] = evidence["host_count"]
         runbook = self.config.settings.runbook_url
         links = (AlertLink(f"{runbook}#{cause}", "runbook"),) if runbook else ()
         return Alert(

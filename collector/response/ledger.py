@@ -260,6 +260,13 @@ def last_release(tx: SqlTx, scope: Scope, target: str, kind: HoldKind) -> dateti
     return when
 
 
+def decided_since(tx: SqlTx, host_id: str, decision: str, since: datetime) -> bool:
+    """Whether ``decision`` was recorded for ``host_id`` at or after ``since``."""
+    d = decisions.c
+    query = select(d.id).where(d.host_id == host_id, d.decision == decision, d.at >= since).limit(1)
+    return tx.conn.execute(query).first() is not None
+
+
 def list_holds(tx: SqlTx, *, open_only: bool = True, limit: int = 500) -> list[Hold]:
     query = select(holds).order_by(holds.c.id.desc()).limit(limit)
     if open_only:

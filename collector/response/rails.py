@@ -22,6 +22,11 @@ error on the way is a failed attempt, never an action. In order:
 
 ``observe`` is what feeds 5 and 6; the alert and replacement jobs both call it (it is
 idempotent), so the page for a storm goes out with the alert that completes it.
+
+A storm's hold names the hosts that tripped it and the first of those folded into it after, up
+to ``LISTED_HOSTS``, and counts them all (``host_count``): a storm of ten thousand hosts costs
+each of its alerts the same small write, and its page stays a page. Every folded host has its
+``alert_grouped`` decision in the rails' audit trail (``driftwarden decisions --pool P``).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ IMAGE_DRIFT_CAUSES: Final = frozenset(
 BREAKER: Final = "storm-breaker"
 QUARANTINE: Final = "image-quarantine"
 _INSTANT: Final = timedelta(microseconds=1)
+LISTED_HOSTS: Final = 50  # hosts a storm's hold and page name; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -159,7 +165,7 @@ def _storm(tx: SqlTx, pool: PoolConfig, sig: str, evidence: Mapping[str, Any]) -
         f"replacements paused until an operator resumes the pool"
     )
     findings = evidence.get("findings") if isinstance(evidence.get("findings"), list) else []
-    detail = {"signature": sig, "hosts": hosts, "findings": findings}
+    detail = {"signature": sig, "hosts": hosts, "host_count": len(hosts), "findings": findings}
     hold = ledger.add_hold(
         tx, Scope.POOL, pool.name, HoldKind.STORM, reason=reason, actor=BREAKER, detail=detail
     )
@@ -172,11 +178,25 @@ def _storm(tx: SqlTx, pool: PoolConfig, sig: str, evidence: Mapping[str, Any]) -
     return hold
 
 
-def fold(tx: SqlTx, storm: Hold, host_id: str) -> None:
-    """Count one more host into an open storm (its alert is grouped into the pool's)."""
+def fold(tx: SqlTx, storm: Hold, host_id: str) -> Mapping[str, Any] | None:
+    """Count one more host into an open storm (its alert is grouped into the pool's); named
+    while fewer than ``LISTED_HOSTS`` are. The storm's new detail, or None when the host was
+    counted already: it tripped the storm, or an ``alert_grouped`` decision since the storm
+    began says it was folded (the caller records that decision with every fold)."""
     hosts = list(storm.detail.get("hosts", []))
-    if host_id not in hosts:
-        ledger.update_hold_detail(tx, storm.hold_id, {**storm.detail, "hosts": [*hosts, host_id]})
+    if host_id in hosts or ledger.decided_since(tx, host_id, "alert_grouped", storm.created_at):
+        return None
+    detail = {**storm.detail, "host_count": host_count(storm.detail) + 1}
+    if len(hosts) < LISTED_HOSTS:
+        detail["hosts"] = [*hosts, host_id]
+    ledger.update_hold_detail(tx, storm.hold_id, detail)
+    return detail
+
+
+def host_count(detail: Mapping[str, Any]) -> int:
+    """How many hosts a storm's hold counts (one made before the count was kept: its list)."""
+    count = detail.get("host_count")
+    return count if isinstance(count, int) else len(detail.get("hosts") or [])
 
 
 def _quarantine(tx: SqlTx, pool: PoolConfig, image: str) -> None:

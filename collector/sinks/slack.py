@@ -64,7 +64,11 @@ class SlackSink:
         hosts = alert.details.get("hosts")
         if alert.pool_wide and isinstance(hosts, list):
             listed = ", ".join(escape(str(h)) for h in hosts)
-            blocks.append({"type": "section", "text": _mrkdwn(f"*Hosts ({len(hosts)})*\n{listed}")})
+            count = alert.details.get("host_count")
+            total = count if isinstance(count, int) and count > len(hosts) else len(hosts)
+            if total > len(hosts):
+                listed += f" and {total - len(hosts)} more"
+            blocks.append({"type": "section", "text": _mrkdwn(f"*Hosts ({total})*\n{listed}")})
         if alert.links:
             links = " · ".join(f"<{link.href}|{escape(link.text)}>" for link in alert.links)
             blocks.append({"type": "section", "text": _mrkdwn(links)})

@@ -12,7 +12,7 @@ import pytest
 
 from collector.errors import StoreError
 from collector.model import HostState, JobState, Role
-from collector.response import incidents, ledger
+from collector.response import incidents, ledger, rails
 from collector.response.records import HoldKind, ReplacementState, Scope
 from collector.store import SqlStore
 from tests.collector.apptest import assert_error
@@ -104,6 +104,36 @@ def test_budget_limits_replacements_in_flight_and_frees_as_hosts_go(
         assert all(not incidents.firing_incidents(tx, h) for h in drifted)  # alerts resolved
 
 
+def test_a_storm_names_its_first_hosts_and_counts_every_host_once(
+    make_fleet: Callable[..., Fleet],
+    clock: Clock,
+    store: SqlStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each folded alert writes the storm's hold and its page: the lists stop growing at
+    # LISTED_HOSTS, so a storm of thousands costs each alert the same, and the count goes on.
+    monkeypatch.setattr(rails, "LISTED_HOSTS", 7)
+    fleet = make_fleet(budget=10, storm_hosts=5, storm_window_s=600)
+    stormy = ids("web", 12)
+    fleet.enroll(*stormy)
+    for host_id in stormy:
+        clock.advance(20)
+        fleet.drift(host_id, "/usr/bin/sudo", "/etc/sudoers")
+    fleet.run()
+    [storm] = fleet.holds()
+    assert storm.detail["hosts"] == stormy[:7] and storm.detail["host_count"] == 12
+    with ledger.transaction(store) as tx:
+        pool_page = incidents.incident(tx, "driftwarden/web/*/drift_storm")
+        assert pool_page is not None
+        assert pool_page.alert["details"]["hosts"] == stormy[:7]
+        assert pool_page.alert["details"]["host_count"] == 12
+        # folding a host again (an alert run twice) counts nothing, named or not
+        [held] = ledger.open_holds(tx, Scope.POOL, "web")
+        assert rails.fold(tx, held, stormy[3]) is None  # tripped it
+        assert rails.fold(tx, held, stormy[10]) is None  # folded, past the list
+        assert rails.fold(tx, held, "web-new") == {**held.detail, "host_count": 13}
+
+
 def test_one_open_replacement_per_host_is_a_database_constraint(store: SqlStore) -> None:
     with ledger.transaction(store) as tx:
         ledger.insert_replacement(tx, host_id="h1", pool="web", action="a", cause="drift")
@@ -130,7 +160,7 @@ def test_storm_breaker_pauses_the_pool_and_pages_once(
     assert replaced_by(out) == {}  # paused before any replacement
     [storm] = fleet.holds()
     assert (storm.scope, storm.target, storm.kind) == (Scope.POOL, "web", HoldKind.STORM)
-    assert sorted(storm.detail["hosts"]) == stormy
+    assert sorted(storm.detail["hosts"]) == stormy and storm.detail["host_count"] == 12
     blocked = fleet.replacements(state="blocked")
     assert {r.blocked_by for r in blocked} == {"storm"} and len(blocked) == 12
     with ledger.transaction(store) as tx:
@@ -139,6 +169,7 @@ def test_storm_breaker_pauses_the_pool_and_pages_once(
     assert len(pages) == 4  # the hosts before the fifth paged on their own …
     assert pool_page is not None and pool_page.status == "firing"  # … then one page
     assert sorted(pool_page.alert["details"]["hosts"]) == stormy
+    assert pool_page.alert["details"]["host_count"] == 12
     grouped = [d.host_id for d in fleet.decisions() if d.decision == "alert_grouped"]
     assert sorted(grouped) == stormy[4:]
     assert [d.decision for d in fleet.decisions(pool="web")].count("storm_tripped") == 1

@@ -8,6 +8,7 @@ import random
 import re
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -338,7 +339,9 @@ def test_slack_message_has_text_and_blocks(receiver: LoopbackReceiver) -> None:
     sink.send(host_alert(summary="web-17 drifted: <script> & more"))
     sink.send(host_alert().resolved(STARTED + timedelta(hours=1)))
     sink.send(pool_alert())
-    firing, resolved, pool = (r.json() for r in receiver.wait_for(3))
+    storm = pool_alert()
+    sink.send(replace(storm, details={**storm.details, "host_count": 5000}))
+    firing, resolved, pool, big = (r.json() for r in receiver.wait_for(4))
     assert receiver.requests[0].path == "/services/" + SLACK_TOKEN
     assert firing["text"].startswith(":rotating_light: CRITICAL: web-17 drifted")
     assert firing["blocks"][0] == {
@@ -356,6 +359,13 @@ def test_slack_message_has_text_and_blocks(receiver: LoopbackReceiver) -> None:
     assert firing["blocks"][-1]["type"] == "context"
     assert resolved["text"].startswith(":white_check_mark: RESOLVED:")
     assert any("*Hosts (12)*" in b.get("text", {}).get("text", "") for b in pool["blocks"])
+    # a storm names its first hosts and counts the rest (collector.response.rails.LISTED_HOSTS)
+    [hosts] = [
+        b["text"]["text"] for b in big["blocks"] if "*Hosts" in b.get("text", {}).get("text", "")
+    ]
+    assert hosts.startswith("*Hosts (5000)*\nweb-0, web-1") and hosts.endswith(
+        "web-11 and 4988 more"
+    )
     assert SLACK_TOKEN not in repr(sink)
 
 
