@@ -4,12 +4,12 @@ By default the worktree is installed as the agent's Debian package installs it
 (``packaging/debian/build-deb.sh``): into a virtual environment on ``/usr/bin/python3``, made in
 the work directory and made again when the code changes (``packaged_venv``), and every command
 is its console script ``driftwarden-agent``. The interpreter that runs the harness may be
-another build of CPython, and how CPython was built changes a bake's time by a fifth; an
-editable install's import hook costs every start some 20 ms. With ``--python`` the harness
-runs ``[PYTHON, "-m", "agent", ...]`` with ``PYTHONPATH`` set to the repository root instead
-(the checkout byte-compiled first, as an installed package is). Manifests are signed with a
-pipeline key made once per work directory, and checks verify them with its public key, as an
-image pipeline and a booting host would.
+another build of CPython, and how CPython was built changes a bake's time by a fifth; and an
+editable install's import hook adds some 20 ms to every start (``-X importtime``). With
+``--python`` the harness runs ``[PYTHON, "-m", "agent", ...]`` with ``PYTHONPATH`` set to the
+repository root instead (the checkout byte-compiled first, as an installed package is).
+Manifests are signed with a pipeline key made once per work directory, and checks verify them
+with its public key, as an image pipeline and a booting host would.
 """
 
 from __future__ import annotations

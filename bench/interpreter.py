@@ -3,9 +3,10 @@
 The Debian packages (``packaging/debian/build-deb.sh``) install driftwarden into a virtual
 environment on ``/usr/bin/python3``; the container image runs the official ``python:3.11``
 build. Both are CPython built with profile-guided optimisation. The interpreter that runs a
-benchmark may be another build (one without it ran a bake a fifth slower, and the collector's
-per-report CPU likewise), so the benchmarks make a virtual environment on ``/usr/bin/python3``
-and measure driftwarden there, unless told to use another interpreter (``--python``).
+benchmark may be another build: one without it ran a bake a fifth slower (the collector's CPU
+per request hardly moved: its time is mostly in C). So the benchmarks make a virtual
+environment on ``/usr/bin/python3`` and measure driftwarden there, unless told to use another
+interpreter (``--python``).
 """
 
 from __future__ import annotations
