@@ -194,6 +194,13 @@ def _hold(row: Row[Any]) -> Hold:
     return rows.record(Hold, row, id_field="hold_id")
 
 
+def lock_hold(tx: SqlTx, hold_id: int) -> Hold | None:
+    """The hold as it is now, its row locked until the transaction ends (for an update made
+    from what it holds)."""
+    row = tx.conn.execute(select(holds).where(holds.c.id == hold_id).with_for_update()).first()
+    return _hold(row) if row is not None else None
+
+
 def open_holds(tx: SqlTx, scope: Scope, target: str) -> list[Hold]:
     h = holds.c
     query = (

@@ -182,11 +182,17 @@ def fold(tx: SqlTx, storm: Hold, host_id: str) -> Mapping[str, Any] | None:
     """Count one more host into an open storm (its alert is grouped into the pool's); named
     while fewer than ``LISTED_HOSTS`` are. The storm's new detail, or None when the host was
     counted already: it tripped the storm, or an ``alert_grouped`` decision since the storm
-    began says it was folded (the caller records that decision with every fold)."""
-    hosts = list(storm.detail.get("hosts", []))
-    if host_id in hosts or ledger.decided_since(tx, host_id, "alert_grouped", storm.created_at):
+    began says it was folded (the caller records that decision with every fold). The hold is
+    read again, locked: two workers folding hosts into one storm at once both count."""
+    if ledger.decided_since(tx, host_id, "alert_grouped", storm.created_at):
         return None
-    detail = {**storm.detail, "host_count": host_count(storm.detail) + 1}
+    now = ledger.lock_hold(tx, storm.hold_id)
+    if now is None or now.released_at is not None:
+        return None  # released meanwhile: nothing to fold into
+    hosts = list(now.detail.get("hosts", []))
+    if host_id in hosts:
+        return None
+    detail = {**now.detail, "host_count": host_count(now.detail) + 1}
     if len(hosts) < LISTED_HOSTS:
         detail["hosts"] = [*hosts, host_id]
     ledger.update_hold_detail(tx, storm.hold_id, detail)

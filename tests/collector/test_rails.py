@@ -132,6 +132,9 @@ def test_a_storm_names_its_first_hosts_and_counts_every_host_once(
         assert rails.fold(tx, held, stormy[3]) is None  # tripped it
         assert rails.fold(tx, held, stormy[10]) is None  # folded, past the list
         assert rails.fold(tx, held, "web-new") == {**held.detail, "host_count": 13}
+        # folding from a look at the hold taken before another fold (another worker's) counts
+        # both: the hold is read again, locked
+        assert rails.fold(tx, held, "web-newer") == {**held.detail, "host_count": 14}
 
 
 def test_one_open_replacement_per_host_is_a_database_constraint(store: SqlStore) -> None:
