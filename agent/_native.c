@@ -298,22 +298,21 @@ read_open(PyObject *Py_UNUSED(self), PyObject *args)
         return NULL; /* the caller's bug: fd is left to it */
     long long size, mtime_ns, ctime_ns;
     unsigned long long ino, dev;
-    int bad = 0;
-    int r;
-    if ((r = as_long_long(size_o, &size)) != 0 || (r = as_unsigned(ino_o, &ino)) != 0 ||
-        (r = as_unsigned(dev_o, &dev)) != 0 || (r = as_long_long(mtime_o, &mtime_ns)) != 0 ||
-        (r = as_long_long(ctime_o, &ctime_ns)) != 0)
-        bad = r;
-    unsigned char *chunk = bad ? NULL : thread_chunk();
-    if (bad || size < 0 || chunk == NULL) {
+    int r; /* -1: an error; 1: a value no look of a file has (past 64 bits, a negative size) */
+    if ((r = as_long_long(size_o, &size)) == 0 && (r = as_unsigned(ino_o, &ino)) == 0 &&
+        (r = as_unsigned(dev_o, &dev)) == 0 && (r = as_long_long(mtime_o, &mtime_ns)) == 0 &&
+        (r = as_long_long(ctime_o, &ctime_ns)) == 0 && size < 0)
+        r = 1;
+    unsigned char *chunk = r == 0 ? thread_chunk() : NULL;
+    if (r == 0 && chunk == NULL)
+        r = -1;
+    if (r != 0) {
         Py_BEGIN_ALLOW_THREADS
         close(fd);
         Py_END_ALLOW_THREADS
-        if (bad < 0)
-            return NULL;
-        if (chunk == NULL && !bad && size >= 0)
-            return PyErr_NoMemory();
-        Py_RETURN_NONE; /* a value no file of this look has: measured the careful way */
+        if (r > 0)
+            Py_RETURN_NONE; /* measured the careful way */
+        return PyErr_Occurred() ? NULL : PyErr_NoMemory();
     }
     SHA256_CTX ctx;
     long long count = 0;

@@ -157,8 +157,7 @@ class Alerts:
         if incident is not None and incident.status == "firing":
             alert = dict(incident.alert)
             details = dict(alert.get("details") or {})
-            details["hosts"] = sorted(folded.get("hosts") or [])
-            details["host_count"] = rails.host_count(folded)
+            details.update(rails.listed(folded))
             alert["details"] = details
             incidents.put_incident(
                 tx,
@@ -176,11 +175,7 @@ class Alerts:
         """The storm's page lists every host folded into it so far."""
         for hold in ledger.open_holds(tx, Scope.POOL, str(payload.get("pool"))):
             if hold.kind is HoldKind.STORM:
-                evidence = {
-                    **(payload.get("evidence") or {}),
-                    "hosts": hold.detail.get("hosts"),
-                    "host_count": rails.host_count(hold.detail),
-                }
+                evidence = {**(payload.get("evidence") or {}), **rails.listed(hold.detail)}
                 return {**payload, "evidence": evidence}
         return payload
 

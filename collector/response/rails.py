@@ -199,6 +199,11 @@ def fold(tx: SqlTx, storm: Hold, host_id: str) -> Mapping[str, Any] | None:
     return detail
 
 
+def listed(detail: Mapping[str, Any]) -> dict[str, Any]:
+    """What a storm's page says of its hosts: those its hold names, sorted, and how many."""
+    return {"hosts": sorted(detail.get("hosts") or []), "host_count": host_count(detail)}
+
+
 def host_count(detail: Mapping[str, Any]) -> int:
     """How many hosts a storm's hold counts (one made before the count was kept: its list)."""
     count = detail.get("host_count")
