@@ -56,6 +56,7 @@ def utc_now() -> datetime:
 class SqlStore:
     backend: ClassVar[str]
     row_locks: ClassVar[bool] = True  # False where a write transaction locks the database
+    group_tx: ClassVar[type[GroupTx]] = GroupTx  # the transaction of a group commit
 
     def __init__(self, engine: Engine, *, display_url: str) -> None:
         self.engine = engine
@@ -106,7 +107,7 @@ class SqlStore:
 
     @contextmanager
     def _group_transaction(self, *, locked: bool = False) -> Iterator[GroupTx]:
-        with self._transaction(GroupTx, locked=locked) as tx:
+        with self._transaction(self.group_tx, locked=locked) as tx:
             assert isinstance(tx, GroupTx)
             yield tx
             tx.flush()

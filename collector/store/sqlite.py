@@ -16,8 +16,9 @@ from __future__ import annotations
 import fcntl
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,8 +27,10 @@ from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import URL
 
 from collector.errors import ConfigError
+from collector.store.driver import Driver, DriverTable
+from collector.store.schema import envelopes, findings, host_keys, hosts, jobs, transitions
 from collector.store.sql import SqlStore
-from collector.store.tx import SqlTx
+from collector.store.tx import GroupTx, InsertFactory, SqlTx
 
 BUSY_TIMEOUT_MS = 30_000
 # The database file is read through a memory map of up to this size. A transaction that follows
@@ -36,12 +39,59 @@ BUSY_TIMEOUT_MS = 30_000
 MMAP_BYTES = 1 << 30
 
 
+_TABLES = {t: DriverTable(t) for t in (envelopes, findings, transitions, hosts, host_keys, jobs)}
+
+
+class SqliteGroupTx(GroupTx):
+    """A group commit on SQLite: its host rows and chain tips read, and its rows written,
+    through the driver (``collector.store.driver``), the statements a group sends most."""
+
+    def __init__(
+        self, conn: Connection, now: datetime, insert: InsertFactory, *, row_locks: bool = True
+    ) -> None:
+        super().__init__(conn, now, insert, row_locks=row_locks)
+        self._driver = Driver(conn)
+
+    def _read_group(
+        self, host_ids: list[str]
+    ) -> tuple[Iterable[Mapping[str, Any]], Iterable[Mapping[str, Any]]]:
+        found = self._driver.select_in(_TABLES[hosts], "host_id", host_ids)
+        return found, self._driver.select_in(_TABLES[host_keys], "host_id", host_ids)
+
+    def _append(self, table: Table, pending: list[dict[str, Any]]) -> None:
+        self._driver.insert(_TABLES[table], pending)
+
+    def _insert_jobs(self, pending: list[dict[str, Any]]) -> None:
+        # no conflict target: the partial unique index of open jobs is the one that can clash
+        self._driver.insert(_TABLES[jobs], pending, suffix=" ON CONFLICT DO NOTHING")
+
+    def _update_hosts(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        rows = [{**values, "host_id": host_id} for host_id, values in batch]
+        self._driver.update(_TABLES[hosts], rows, where=("host_id",))
+
+    def _flush_tips(self) -> None:
+        rows = []
+        for host_id, key_id in sorted(self._tip_updates):
+            tip = self._tips[(host_id, key_id)]
+            rows.append(
+                {
+                    "last_seq": tip.last_seq,
+                    "last_digest": tip.last_digest,
+                    "host_id": host_id,
+                    "key_id": key_id,
+                }
+            )
+        self._driver.update(_TABLES[host_keys], rows, where=("host_id", "key_id"))
+        self._tip_updates.clear()
+
+
 class SqliteStore(SqlStore):
     """Writers queue on a thread lock, then on the lock file, for SQLite's one write lock;
     the busy timeout still covers a writer that takes neither (an older CLI, ``sqlite3``)."""
 
     backend: ClassVar[str] = "sqlite"
     row_locks: ClassVar[bool] = False
+    group_tx: ClassVar[type[GroupTx]] = SqliteGroupTx
 
     def __init__(self, engine: Engine, *, display_url: str, lock_path: Path) -> None:
         super().__init__(engine, display_url=display_url)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     BindParameter,
@@ -442,13 +442,24 @@ class GroupTx(SqlTx):
         wanted = sorted(set(host_ids) - self._hosts.keys())
         if not wanted:
             return
-        query = _GROUP_HOSTS_LOCKED if self._row_locks else _GROUP_HOSTS
-        for row in self.conn.execute(query, {"ids": wanted}):
-            self._hosts[row.host_id] = {**row._mapping, **self._host_updates.get(row.host_id, {})}
-        for row in self.conn.execute(_GROUP_TIPS, {"ids": wanted}):
-            self._tip_rows[(row.host_id, row.key_id)] = dict(row._mapping)
-            self._tips[(row.host_id, row.key_id)] = wire.ChainState(row.last_seq, row.last_digest)
+        host_rows, tip_rows = self._read_group(wanted)
+        for row in host_rows:
+            host_id = row["host_id"]
+            self._hosts[host_id] = {**row, **self._host_updates.get(host_id, {})}
+        for row in tip_rows:
+            host_key = (row["host_id"], row["key_id"])
+            self._tip_rows[host_key] = dict(row)
+            self._tips[host_key] = wire.ChainState(row["last_seq"], row["last_digest"])
         self._tips_read.update(wanted)
+
+    def _read_group(
+        self, host_ids: list[str]
+    ) -> tuple[Iterable[Mapping[str, Any]], Iterable[Mapping[str, Any]]]:
+        """The host rows (locked, where rows lock) and the chain tips of these hosts."""
+        query = _GROUP_HOSTS_LOCKED if self._row_locks else _GROUP_HOSTS
+        found = self.conn.execute(query, {"ids": host_ids}).mappings()
+        tips = self.conn.execute(_GROUP_TIPS, {"ids": host_ids}).mappings()
+        return cast(list[Mapping[str, Any]], found.all()), cast(list[Mapping[str, Any]], tips.all())
 
     def lock_host(self, host_id: str) -> Host | None:
         if host_id not in self._hosts:
@@ -517,24 +528,33 @@ class GroupTx(SqlTx):
         """Write what the units kept here: one statement per table (per thousand rows)."""
         for table, pending in self._rows.items():
             if pending:
-                self.conn.execute(_APPEND[table], pending)
+                self._append(table, pending)
                 pending.clear()
         self._flush_hosts()
         self._flush_tips()
         if self._jobs:  # one open job per kind and dedup key: a duplicate is skipped
-            self.conn.execute(self._enqueue(), self._jobs).all()
+            self._insert_jobs(self._jobs)
             self._jobs.clear()
+
+    def _append(self, table: Table, pending: list[dict[str, Any]]) -> None:
+        self.conn.execute(_APPEND[table], pending)
+
+    def _insert_jobs(self, pending: list[dict[str, Any]]) -> None:
+        self.conn.execute(self._enqueue(), pending).all()
 
     def _flush_hosts(self) -> None:
         """One UPDATE executed many per shape of change, of the changed columns only (a
         heartbeat changes a few of a host row's two dozen)."""
-        by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        by_columns: dict[tuple[str, ...], list[tuple[str, dict[str, Any]]]] = {}
         for host_id, values in self._host_updates.items():
-            key = tuple(sorted(values))
-            by_columns.setdefault(key, []).append({"b_host": host_id, **values})
+            by_columns.setdefault(tuple(sorted(values)), []).append((host_id, values))
         for batch in by_columns.values():
-            self.conn.execute(_UPDATE_HOST, batch)
+            self._update_hosts(batch)
         self._host_updates.clear()
+
+    def _update_hosts(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
+        """Host rows that change the same columns."""
+        self.conn.execute(_UPDATE_HOST, [{"b_host": h, **values} for h, values in batch])
 
     def _flush_tips(self) -> None:
         whole: list[dict[str, Any]] = []
