@@ -503,18 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--compare", type=Path, help="an earlier run's JSON, shown as before")
     parser.add_argument("--no-doc", action="store_true", help="do not touch docs/")
-    parser.add_argument(
-        "--python",
-        choices=["packaged", "current"],
-        default="packaged",
-        help="run on /usr/bin/python3 as the packages do (default), or on this interpreter",
-    )
+    interpreter.python_option(parser)
     args = parser.parse_args(argv)
     if args.python == "packaged":
-        venv = interpreter.packaged_venv(REPO, OUT / "packaged-venv", "agent,collector")
-        if not interpreter.running_in(venv):
-            python = str(venv / "bin" / "python")
-            os.execv(python, [python, str(Path(__file__).resolve()), *sys.argv[1:]])
+        interpreter.run_packaged(REPO, Path(__file__).resolve(), sys.argv[1:])
     quick = args.quick
     settings = Settings(
         hosts=args.hosts or (1000 if quick else 10_000),

@@ -11,7 +11,9 @@ interpreter (``--python``).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +62,23 @@ def describe(python: str, *, env: dict[str, str] | None = None) -> str:
 
 def running_in(venv: Path) -> bool:
     return Path(sys.prefix).resolve() == venv.resolve()
+
+
+def python_option(parser: argparse.ArgumentParser) -> None:
+    """``--python``: the collector benchmarks' choice of interpreter (``run_packaged``)."""
+    parser.add_argument(
+        "--python",
+        choices=["packaged", "current"],
+        default="packaged",
+        help="run on /usr/bin/python3 as the packages do (default), or on this interpreter",
+    )
+
+
+def run_packaged(repo: Path, script: Path, argv: list[str]) -> None:
+    """Start ``script`` again with ``argv`` in the collector benchmarks' environment
+    (``bench/out/packaged-venv``: the agent's and the collector's dependencies on
+    ``/usr/bin/python3``), unless this process runs in it already."""
+    venv = packaged_venv(repo, repo / "bench" / "out" / "packaged-venv", "agent,collector")
+    if not running_in(venv):
+        python = str(venv / "bin" / "python")
+        os.execv(python, [python, str(script), *argv])
