@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,7 +40,7 @@ if __package__ in (None, ""):
 import uvloop
 
 from bench import interpreter
-from bench.ingest_http import Client
+from bench.ingest_http import Client, HttpError
 from bench.ingest_load import SimHost
 from collector import auth, logs
 from collector.config import load
@@ -102,9 +102,7 @@ async def _until_up(client: Client) -> None:
         try:
             await client.request("GET", "/")
             return
-        except OSError:
-            pass
-        except Exception:
+        except HttpError:  # not listening yet
             if time.monotonic() > deadline:
                 raise
         await asyncio.sleep(0.05)
@@ -146,9 +144,7 @@ class Fleet:
         for host in hosts:
             host_id, batch = self.ingest._parse(json.loads(host.batch([getattr(host, kind)()])))
             key_id = self.ingest._signed_by(host_id, batch)
-            apply: Callable[[Any], Any] = lambda tx, h=host_id, k=key_id, b=batch: (  # noqa: E731
-                self.ingest._ingest(tx, h, k, b)
-            )
+            apply = partial(self.ingest._ingest, host_id=host_id, key_id=key_id, batch=batch)
             units.append(_Unit(apply, (host_id,)))
         return units
 
