@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from typing import Any, Final
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import psutil
 import uvloop
 
 from bench import interpreter
@@ -50,6 +50,7 @@ from collector.metrics import Metrics
 from collector.serve import settle_heap
 from collector.store import SqlStore, open_store
 from collector.store.tx import GroupTx
+from tests.collector.servers import free_port
 
 REPO: Final = Path(__file__).resolve().parents[1]
 OUT: Final = REPO / "bench" / "out"
@@ -68,14 +69,14 @@ async def app(scope, receive, send):
 
 
 def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def http(rate: float, seconds: float, workdir: Path) -> dict[str, float]:
     """uvicorn alone: CPU per request of the server and of the generator."""
     (workdir / "trivial_app.py").write_text(TRIVIAL_APP)
-    port = 58000 + random.randrange(1000)
+    port = free_port()
     server = subprocess.Popen(
         [
             *(sys.executable, "-m", "uvicorn", "--app-dir", str(workdir), "trivial_app:app"),

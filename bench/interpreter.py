@@ -50,17 +50,15 @@ def packaged_venv(repo: Path, venv: Path, extras: str, *, sources: tuple[str, ..
     return venv
 
 
-def describe(python: str, *, env: dict[str, str] | None = None) -> str:
+def describe(python: str) -> str:
     """``python``'s version and the interpreter it is (a virtual environment's base)."""
     code = "import platform, sys; print(platform.python_version(), sys._base_executable)"
-    done = subprocess.run(
-        [python, "-P", "-c", code], env=env, capture_output=True, text=True, check=False
-    )
+    done = subprocess.run([python, "-P", "-c", code], capture_output=True, text=True, check=False)
     version, _, base = done.stdout.strip().partition(" ")
     return f"{version} ({base})" if version else f"unknown ({python})"
 
 
-def running_in(venv: Path) -> bool:
+def _running_in(venv: Path) -> bool:
     return Path(sys.prefix).resolve() == venv.resolve()
 
 
@@ -79,6 +77,6 @@ def run_packaged(repo: Path, script: Path, argv: list[str]) -> None:
     (``bench/out/packaged-venv``: the agent's and the collector's dependencies on
     ``/usr/bin/python3``), unless this process runs in it already."""
     venv = packaged_venv(repo, repo / "bench" / "out" / "packaged-venv", "agent,collector")
-    if not running_in(venv):
+    if not _running_in(venv):
         python = str(venv / "bin" / "python")
         os.execv(python, [python, str(script), *argv])

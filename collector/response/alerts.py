@@ -172,7 +172,8 @@ class Alerts:
         return True
 
     def _storm_now(self, tx: SqlTx, payload: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The storm's page lists every host folded into it so far."""
+        """The storm's page: the hosts its hold names (the first ``rails.LISTED_HOSTS``) and
+        how many it counts."""
         for hold in ledger.open_holds(tx, Scope.POOL, str(payload.get("pool"))):
             if hold.kind is HoldKind.STORM:
                 evidence = {**(payload.get("evidence") or {}), **rails.listed(hold.detail)}

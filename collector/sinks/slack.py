@@ -65,9 +65,10 @@ class SlackSink:
         if alert.pool_wide and isinstance(hosts, list):
             listed = ", ".join(escape(str(h)) for h in hosts)
             count = alert.details.get("host_count")
-            total = count if isinstance(count, int) and count > len(hosts) else len(hosts)
-            if total > len(hosts):
-                listed += f" and {total - len(hosts)} more"
+            more = count - len(hosts) if isinstance(count, int) else 0
+            if more > 0:  # the storm's hold names the first hosts and counts the rest
+                listed += f" and {more} more"
+            total = len(hosts) + max(more, 0)
             blocks.append({"type": "section", "text": _mrkdwn(f"*Hosts ({total})*\n{listed}")})
         if alert.links:
             links = " · ".join(f"<{link.href}|{escape(link.text)}>" for link in alert.links)
